@@ -1,0 +1,167 @@
+"""``cm``: LightningCLI for fit/validate/test/predict plus ``cm sample`` and ``cm export``."""
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningCLI
+
+from cm.training import DenoiserModule, ImageDataModule
+
+EXTRA_COMMANDS = """extra subcommands:
+  sample   generate images from a checkpoint or exported denoiser (cm sample --help)
+  export   write a bare denoiser (safetensors + config.json) from a checkpoint (cm export --help)
+"""
+
+
+class CMCLI(LightningCLI):
+    """LightningCLI with ``DenoiserModule``/``ImageDataModule`` defaults in subclass mode."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 - Lightning hook
+        parser.set_defaults({"trainer.max_steps": 1000})
+
+
+def lightning_main(args: Sequence[str]) -> CMCLI:
+    """Run a Lightning subcommand (fit, validate, test, predict)."""
+    return CMCLI(
+        DenoiserModule,
+        ImageDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=list(args),
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": EXTRA_COMMANDS},
+        auto_configure_optimizers=False,
+    )
+
+
+def sample_parser() -> ArgumentParser:
+    """Arguments of ``cm sample``."""
+    p = ArgumentParser(prog="cm sample", description="Generate images from a trained denoiser.")
+    p.add_argument(
+        "--ckpt_path",
+        type=str,
+        required=True,
+        help="A .ckpt from cm fit, or an exported denoiser directory.",
+    )
+    p.add_argument(
+        "--num", type=int, default=256, help="Number of images (seeds seed..seed+num-1)."
+    )
+    p.add_argument("--seed", type=int, default=0, help="First seed.")
+    p.add_argument(
+        "--steps",
+        type=int | None,
+        default=None,
+        help="Solver steps on the Karras grid; default: the checkpoint's sampler.",
+    )
+    p.add_argument(
+        "--solver",
+        type=str | None,
+        default=None,
+        help="Import path of a solver, e.g. cm.solvers.heun or "
+        "cm.solvers.consistency.multistep; default: the checkpoint's sampler.",
+    )
+    p.add_argument(
+        "--sigmas",
+        type=list[float] | None,
+        default=None,
+        help="Explicit decreasing sigma grid, e.g. [80.0,0.661] for 2-step CM.",
+    )
+    p.add_argument(
+        "--class_label",
+        type=int | None,
+        default=None,
+        help="Generate only this class (default: classes cycle with the seed).",
+    )
+    p.add_argument("--batch_size", type=int, default=256, help="Images per forward pass.")
+    p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    p.add_argument("--out", type=str, default="samples.npz", help="Output .npz (arr_0 NHWC).")
+    p.add_argument("--grid", type=str | None, default=None, help="Also write a PNG grid here.")
+    return p
+
+
+def sample_main(args: Sequence[str]) -> Path:
+    """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
+    from cm.io import load_any, save_grid, save_npz, to_uint8
+    from cm.solvers.sampling import seed_labels
+
+    cfg = sample_parser().parse_args(list(args))
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    denoiser, hparams = load_any(cfg.ckpt_path, cfg.ema)
+    denoiser = denoiser.to(device)
+    sampler = _sampler_from(hparams.get("sampler"))
+    if cfg.solver is not None:
+        from jsonargparse._typehints import import_object
+
+        sampler.solver = import_object(cfg.solver)
+    if cfg.steps is not None:
+        sampler.num_steps, sampler.sigmas = cfg.steps, None
+    if cfg.sigmas is not None:
+        sampler.sigmas = cfg.sigmas
+    net = getattr(denoiser, "net", denoiser)
+    shape = (net.in_channels, net.img_resolution, net.img_resolution)
+    label_dim = int(getattr(net, "label_dim", 0))
+    images, labels = [], []
+    for first in range(cfg.seed, cfg.seed + cfg.num, cfg.batch_size):
+        seeds = list(range(first, min(cfg.seed + cfg.num, first + cfg.batch_size)))
+        y = seed_labels(seeds, label_dim, cfg.class_label) if label_dim else None
+        x = sampler(denoiser, seeds, shape, y, device)
+        images.append(to_uint8(x.clamp(-1, 1)))
+        labels.append(None if y is None else y.argmax(1))
+    images = torch.cat(images)
+    out = save_npz(images, cfg.out, None if labels[0] is None else torch.cat(labels))
+    print(f"Wrote {len(images)} samples to {out}")
+    if cfg.grid:
+        print(f"Wrote grid to {save_grid(images[:100], cfg.grid, nrow=10)}")
+    return out
+
+
+def _sampler_from(config: dict | None):
+    """A ``Sampler`` from the checkpoint's ``sampler`` hparam (None: one-step defaults)."""
+    from cm.solvers.sampling import Sampler
+
+    if not config:
+        return Sampler()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--sampler", type=Sampler)
+    cfg = parser.parse_object({"sampler": config})
+    return parser.instantiate_classes(cfg).sampler
+
+
+def export_main(args: Sequence[str]) -> Path:
+    """``cm export``: write the (EMA) denoiser of a checkpoint as safetensors + config.json."""
+    from cm.io import export, load_checkpoint
+
+    p = ArgumentParser(prog="cm export", description="Export a bare denoiser from a checkpoint.")
+    p.add_argument("--ckpt_path", type=str, required=True, help="A .ckpt written by cm fit.")
+    p.add_argument("--out", type=str, required=True, help="Output directory.")
+    p.add_argument("--ema", type=bool, default=True, help="Export the EMA weights when present.")
+    cfg = p.parse_args(list(args))
+    denoiser, hparams = load_checkpoint(cfg.ckpt_path, cfg.ema)
+    out = export(denoiser, cfg.out, hparams["denoiser"])
+    if hparams.get("sampler"):
+        import json
+
+        config = json.loads((out / "config.json").read_text())
+        config["sampler"] = hparams["sampler"]
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"Exported denoiser to {out}")
+    return out
+
+
+def main(args: Sequence[str] | None = None) -> object:
+    """Entry point of the ``cm`` command; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    match argv[:1]:
+        case ["sample"]:
+            return sample_main(argv[1:])
+        case ["export"]:
+            return export_main(argv[1:])
+        case _:
+            return lightning_main(argv)

@@ -1,0 +1,44 @@
+"""Evaluation EMA of a denoiser: constant decay or EDM's half-life in images."""
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Exponential moving average ``theta_ema <- beta theta_ema + (1 - beta) theta``.
+
+    Either a constant ``decay`` (CM/iCT: 0.9999, 0.99993) or EDM's half-life (Karras et al. 2022,
+    Appendix F.1: ``beta = 0.5^(batch / (halflife_kimg * 1000))``, with the half-life capped at
+    ``rampup_ratio`` times the images seen so far so early averages do not lag).
+
+    Args:
+        decay: constant decay per optimizer step; used when ``halflife_kimg`` is None.
+        halflife_kimg: half-life in thousands of training images.
+        rampup_ratio: EDM's ramp-up; None disables it.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        halflife_kimg: float | None = None,
+        rampup_ratio: float | None = 0.05,
+    ) -> None:
+        self.decay, self.halflife_kimg, self.rampup_ratio = decay, halflife_kimg, rampup_ratio
+
+    def beta(self, step: int, batch_size: int) -> float:
+        """The decay for the update after optimizer step ``step`` (0-based) of ``batch_size``."""
+        if self.halflife_kimg is None:
+            return self.decay
+        nimg = self.halflife_kimg * 1000
+        if self.rampup_ratio is not None:
+            nimg = min(nimg, (step + 1) * batch_size * self.rampup_ratio)
+        return 0.5 ** (batch_size / max(nimg, 1e-8))
+
+    @torch.no_grad()
+    def update(self, ema: nn.Module, model: nn.Module, step: int, batch_size: int) -> None:
+        """Blend ``model`` into ``ema`` in place; buffers are copied."""
+        beta = self.beta(step, batch_size)
+        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1 - beta)
+        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)

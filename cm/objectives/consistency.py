@@ -1,0 +1,144 @@
+"""Consistency training: CT (Song et al. 2023, Alg. 3) and improved CT (Song & Dhariwal 2023)."""
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from cm.objectives.base import Objective
+from cm.objectives.distances import PseudoHuber
+from cm.schedules import (
+    ct_boundaries,
+    ct_ema_decay,
+    ct_num_scales,
+    ict_num_scales,
+    lognormal_index_probs,
+)
+
+
+class ConsistencyTraining(Objective):
+    """Song et al. 2023, Alg. 3 (CT) and Song & Dhariwal 2023 (iCT) in one objective.
+
+    ``loss = lambda(t_n) d(f_theta(x0 + t_{n+1} z, t_{n+1}), f_theta-(x0 + t_n z, t_n))``. The
+    target input ``x0 + t_n z`` is the Euler step of the PF-ODE from ``t_{n+1}`` with the
+    one-sample estimate ``D = x0`` (Song et al. 2023, Eq. 9), written in closed form. Both network
+    calls share one dropout mask, as in openai/consistency_models.
+
+    CT: ``curriculum="ct"`` (N(k) grows as a square root), target EMA ``mu(k)`` from ``mu0``,
+    ``weighting="uniform"``, ``index_sampling="uniform"``, any distance (l2, l1, LPIPS).
+    iCT: ``curriculum="ict"`` (N(k) doubles, Eq. 8), ``mu0=0`` (target = stop-grad online network),
+    pseudo-Huber distance, ``weighting="icm"`` (lambda = 1 / (t_{n+1} - t_n)) and lognormal index
+    sampling (Eq. 9).
+
+    Args:
+        distance: ``d(x, y) -> [N]``, e.g. ``PseudoHuber``, ``SquaredL2``, ``L1``, ``LPIPS``.
+        curriculum: ``"ct"`` or ``"ict"`` discretisation schedule N(k).
+        s0: initial number of discretisation steps.
+        s1: final number of discretisation steps.
+        total_steps: K of the curriculum; None ties it to ``trainer.max_steps``.
+        mu0: target EMA at the start (CT); 0 uses the stop-gradient online network (iCT).
+        weighting: ``"uniform"`` (lambda = 1) or ``"icm"`` (lambda = 1 / (t_{n+1} - t_n)).
+        index_sampling: ``"uniform"`` n ~ U{1..N-1} or iCT's ``"lognormal"``.
+        p_mean: lognormal index sampling mean of ``ln(sigma)``.
+        p_std: lognormal index sampling std of ``ln(sigma)``.
+        sigma_min: the boundary ``epsilon``.
+        sigma_max: the largest time ``T``.
+        rho: Karras discretisation exponent.
+        openai_compat: with ``curriculum="ct"``, compute mu(k) as openai/consistency_models does.
+    """
+
+    def __init__(
+        self,
+        distance: nn.Module | None = None,
+        curriculum: Literal["ct", "ict"] = "ict",
+        s0: int = 10,
+        s1: int = 1280,
+        total_steps: int | None = None,
+        mu0: float = 0.0,
+        weighting: Literal["uniform", "icm"] = "icm",
+        index_sampling: Literal["uniform", "lognormal"] = "lognormal",
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        openai_compat: bool = False,
+    ) -> None:
+        super().__init__()
+        self.distance = distance if distance is not None else PseudoHuber()
+        self.curriculum, self.s0, self.s1 = curriculum, s0, s1
+        self.total_steps, self.mu0 = total_steps, mu0
+        self.weighting, self.index_sampling = weighting, index_sampling
+        self.p_mean, self.p_std = p_mean, p_std
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.openai_compat = openai_compat
+        self.target: nn.Module | None = None
+        self._last: dict[str, float] = {}
+
+    def bind(self, denoiser: nn.Module) -> None:
+        """Create the target network theta- as a frozen copy when ``mu0 > 0``."""
+        if self.mu0 > 0 and self.target is None:
+            self.target = copy.deepcopy(denoiser).requires_grad_(False)
+
+    def num_scales(self, step: int, total_steps: int) -> int:
+        """N(k): CT's square-root or iCT's exponential curriculum."""
+        match self.curriculum:
+            case "ct":
+                return ct_num_scales(step, total_steps, self.s0, self.s1)
+            case "ict":
+                return ict_num_scales(step, total_steps, self.s0, self.s1)
+
+    def ema_decay(self, step: int, total_steps: int) -> float:
+        """mu(k) of the target network; 0 means theta- = stop-grad(theta)."""
+        if self.mu0 == 0 or self.curriculum == "ict":
+            return self.mu0
+        return ct_ema_decay(step, total_steps, self.s0, self.s1, self.mu0, self.openai_compat)
+
+    def sample_indices(self, t: Tensor, n: int) -> Tensor:
+        """Interval indices ``i`` in ``[0, N-2]`` (pairs ``t_i < t_{i+1}``), ``[n]``."""
+        match self.index_sampling:
+            case "uniform":
+                return torch.randint(0, len(t) - 1, (n,), device=t.device)
+            case "lognormal":
+                probs = lognormal_index_probs(t, self.p_mean, self.p_std).to(t.device)
+                return torch.multinomial(probs, n, replacement=True)
+
+    def forward(
+        self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
+    ) -> Tensor:
+        """Per-sample consistency loss ``[N]`` at curriculum step ``step`` of ``total_steps``."""
+        total = self.total_steps or total_steps
+        t = ct_boundaries(self.num_scales(step, total), self.sigma_min, self.sigma_max, self.rho)
+        t = t.to(x0.device)
+        i = self.sample_indices(t, x0.shape[0])
+        t_cur, t_next = t[i], t[i + 1]  # float64 [N]
+        weight = 1 / (t_next - t_cur) if self.weighting == "icm" else torch.ones_like(t_cur)
+        z = torch.randn_like(x0)
+        x_next = x0 + t_next.view(-1, 1, 1, 1).to(x0.dtype) * z
+        x_cur = x0 + t_cur.view(-1, 1, 1, 1).to(x0.dtype) * z  # Euler step with D = x0, exactly
+
+        devices = [x0.device] if x0.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            f_next = denoiser(x_next, t_next.to(x0.dtype), labels)
+        # fork_rng restored the state: the target call below draws the same dropout mask.
+        target_net = self.target if self.target is not None else denoiser
+        with torch.no_grad():
+            f_cur = target_net(x_cur, t_cur.to(x0.dtype), labels)
+        self._last = {"num_scales": float(len(t)), "target_ema": self.ema_decay(step, total)}
+        return weight.to(x0.dtype) * self.distance(f_next, f_cur.detach())
+
+    @torch.no_grad()
+    def after_optimizer_step(self, denoiser: nn.Module, step: int, total_steps: int) -> None:
+        """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Song et al. 2023, Alg. 3)."""
+        if self.target is None:
+            return
+        mu = self.ema_decay(step, self.total_steps or total_steps)
+        for p_t, p in zip(self.target.parameters(), denoiser.parameters(), strict=True):
+            p_t.lerp_(p.detach(), 1 - mu)
+        for b_t, b in zip(self.target.buffers(), denoiser.buffers(), strict=True):
+            b_t.copy_(b)
+
+    def metrics(self) -> dict[str, float]:
+        """The current N(k) and mu(k)."""
+        return dict(self._last)

@@ -1,0 +1,34 @@
+"""EDM denoising score matching (Karras et al. 2022, Eq. 2 and Table 1, "Ours")."""
+
+from torch import Tensor, nn
+
+from cm.objectives.base import Objective
+from cm.schedules import edm_lognormal_sigmas
+
+
+class DenoisingScoreMatching(Objective):
+    """Karras et al. 2022, Eq. 8: ``lambda(sigma) ||D(y + sigma n; sigma) - y||^2``.
+
+    ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2`` makes the effective network target
+    unit-variance. The squared error is averaged over dimensions (EDM sums; with Adam only the
+    scale of ``eps`` differs).
+
+    Args:
+        p_mean: mean of ``ln(sigma)``.
+        p_std: standard deviation of ``ln(sigma)``.
+        sigma_data: standard deviation of the data, ``sigma_d``.
+    """
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+
+    def forward(
+        self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
+    ) -> Tensor:
+        """Per-sample weighted denoising loss ``[N]``."""
+        sigma = edm_lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device)
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        n = x0.new_empty(x0.shape).normal_()
+        D_yn = denoiser(x0 + sigma.view(-1, 1, 1, 1) * n, sigma, labels)
+        return weight * (D_yn - x0).pow(2).flatten(1).mean(1)

@@ -1,0 +1,122 @@
+"""Distances ``d(x, y) -> [N]`` between image batches, injected into objectives."""
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SquaredL2(nn.Module):
+    """Song et al. 2023, Sec. 3: ``d(x, y) = ||x - y||_2^2``, averaged over dimensions."""
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean squared error per sample, ``[N]``."""
+        return (x - y).pow(2).flatten(1).mean(1)
+
+
+class L1(nn.Module):
+    """Song et al. 2023, Sec. 3: ``d(x, y) = ||x - y||_1``, averaged over dimensions."""
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean absolute error per sample, ``[N]``."""
+        return (x - y).abs().flatten(1).mean(1)
+
+
+class PseudoHuber(nn.Module):
+    """Song & Dhariwal 2023, Sec. 3.3: ``d(x, y) = sqrt(||x - y||^2 + c^2) - c``.
+
+    Args:
+        c: the Huber scale; None gives iCT's ``c = 0.00054 sqrt(d)`` for ``d = C*H*W``.
+    """
+
+    def __init__(self, c: float | None = None) -> None:
+        super().__init__()
+        self.c = c
+
+    def scale(self, x: Tensor) -> float:
+        """The ``c`` used for inputs shaped like ``x``."""
+        return self.c if self.c is not None else 0.00054 * math.sqrt(x[0].numel())
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Pseudo-Huber distance per sample (over the whole image, not per pixel), ``[N]``."""
+        c = self.scale(x)
+        return ((x - y).pow(2).flatten(1).sum(1) + c**2).sqrt() - c
+
+
+# torchvision ImageNet trunks used by the lpips package: (file in the hub cache, source URL).
+LPIPS_TRUNKS = {
+    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    "alex": (
+        "alexnet-owt-7be5be79.pth",
+        "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    ),
+}
+
+
+def weights_dirs() -> list[Path]:
+    """Where weights are looked up: ``$CM_WEIGHTS`` then the torch hub cache's checkpoints."""
+    dirs = [Path(p) for p in os.environ.get("CM_WEIGHTS", "").split(os.pathsep) if p]
+    return dirs + [Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def find_weights(filename: str, url: str) -> Path:
+    """Locate a weights file offline, or raise one clear error naming the file and its source."""
+    for d in weights_dirs():
+        if (d / filename).is_file():
+            return d / filename
+    where = ", ".join(str(d) for d in weights_dirs())
+    raise FileNotFoundError(
+        f"Weights file '{filename}' not found in {where}: download it from {url} into one of "
+        "these directories (or set CM_WEIGHTS to the folder that holds it)."
+    )
+
+
+class LPIPS(nn.Module):
+    """Zhang et al. 2018 LPIPS (the ``lpips`` package), CM's distance (Song et al. 2023, Sec. 5).
+
+    Inputs in ``[-1, 1]`` below 256 px are resized bilinearly to 224 (openai/consistency_models).
+    The VGG16 trunk is read from ``$CM_WEIGHTS`` or the torch hub cache (never downloaded here);
+    the calibration heads ship with the ``lpips`` package. Grayscale inputs are repeated to RGB.
+
+    Args:
+        net: backbone, ``"vgg"`` (CM) or ``"alex"``.
+        resize: side to resize to when inputs are smaller than 256 px; 0 disables it.
+    """
+
+    def __init__(self, net: str = "vgg", resize: int = 224) -> None:
+        super().__init__()
+        import lpips
+
+        self.resize = resize
+        if net not in LPIPS_TRUNKS:
+            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}.")
+        path = find_weights(*LPIPS_TRUNKS[net])
+        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # lpips keeps torchvision's indices: net.sliceK.<idx>.<param> <- features.<idx>.<param>
+        trunk = {}
+        for key in self.lpips.net.state_dict():
+            _, idx, param = key.split(".")
+            if f"features.{idx}.{param}" not in state:
+                raise ValueError(f"'{path}' is not a torchvision {net} checkpoint; re-download it.")
+            trunk[key] = state[f"features.{idx}.{param}"]
+        self.lpips.net.load_state_dict(trunk)
+        self.lpips.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        """Keep the metric network in eval mode."""
+        super().train(mode)
+        self.lpips.eval()
+        return self
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """LPIPS per sample, ``[N]``."""
+        if x.shape[1] == 1:
+            x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
+        if self.resize and x.shape[-1] < 256:
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=self.resize, mode="bilinear", align_corners=False)
+        return self.lpips(x, y).flatten(1).mean(1)

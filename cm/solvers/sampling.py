@@ -1,0 +1,98 @@
+"""Seeded generation: per-seed noise and labels, a sigma grid and a solver, as one object."""
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from cm.protocols import Denoiser
+from cm.schedules import karras_sigmas
+from cm.solvers.consistency import onestep
+
+
+class SeededNoise:
+    """Per-sample generators: row ``i`` draws from ``torch.Generator().manual_seed(seeds[i])``.
+
+    The same seed gives the same sample at any batch size or world size (as EDM's
+    ``StackedRandomGenerator``). Draws happen on the CPU and move to ``device``.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        """Standard normal ``[len(seeds), *shape]``."""
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators]).to(
+            self.device
+        )
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal shaped like ``x`` (its first dim is the number of seeds)."""
+        return self.randn(x.shape[1:]).to(dtype=x.dtype)
+
+
+def seed_labels(seeds: Sequence[int], label_dim: int, class_label: int | None = None) -> Tensor:
+    """One-hot labels ``[N, label_dim]``: ``seed % label_dim`` (balanced) or ``class_label``."""
+    idx = torch.as_tensor([int(s) % label_dim for s in seeds])
+    if class_label is not None:
+        idx = torch.full_like(idx, class_label)
+    return torch.nn.functional.one_hot(idx, label_dim).float()
+
+
+class Sampler:
+    """A solver with its sigma grid: ``sampler(denoiser, seeds, shape)`` generates images.
+
+    Args:
+        solver: any ``cm.solvers`` function ``fn(denoiser, x, sigmas, labels=None, ...)``.
+        num_steps: steps of the Karras grid (``karras_sigmas(num_steps, ...)``); 1 is one-step.
+        sigma_min: smallest nonzero sigma of the grid.
+        sigma_max: the starting noise level ``T``.
+        rho: Karras grid exponent.
+        sigmas: an explicit decreasing grid instead (e.g. CM's 2-step ``[80.0, 0.661]``); a
+            trailing 0 is appended when missing.
+    """
+
+    def __init__(
+        self,
+        solver: Callable[..., Tensor] = onestep,
+        num_steps: int = 1,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        sigmas: list[float] | None = None,
+    ) -> None:
+        self.solver = solver
+        self.num_steps = num_steps
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.sigmas = sigmas
+
+    def grid(self) -> Tensor:
+        """The decreasing float64 sigma grid ending in 0."""
+        if self.sigmas is not None:
+            sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
+            return sigmas if sigmas[-1] == 0 else torch.cat([sigmas, sigmas.new_zeros(1)])
+        return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        seeds: Sequence[int],
+        shape: Sequence[int],
+        labels: Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """Generate ``[len(seeds), *shape]`` images in ``[-1, 1]``-scale (unclipped)."""
+        noise = SeededNoise(seeds, device)
+        sigmas = self.grid()
+        x = noise.randn(shape) * sigmas[0].item()
+        kwargs = {"noise": noise.randn_like} if _takes(self.solver, "noise") else {}
+        labels = None if labels is None else labels.to(device)
+        return self.solver(denoiser, x, sigmas, labels, **kwargs)
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts keyword ``name``."""
+    return name in inspect.signature(fn).parameters

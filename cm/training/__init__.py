@@ -1,0 +1,7 @@
+"""The Lightning shell: modules, data modules and callbacks (the only layer importing lightning)."""
+
+from cm.training.callbacks import SampleGrid
+from cm.training.datamodule import ImageDataModule
+from cm.training.module import DenoiserModule
+
+__all__ = ["DenoiserModule", "ImageDataModule", "SampleGrid"]

@@ -1,0 +1,76 @@
+"""Callbacks: sample grids during training and a samples file at the end."""
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from cm.io import save_grid, save_npz, to_uint8
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` write a PNG grid from fixed seeds and log it; at the end, an npz.
+
+    Images come from the module's EMA denoiser and sampler (``DenoiserModule.generate``), so the
+    same seeds give the same images at every step. Files go to ``<log_dir>/samples/``.
+
+    Args:
+        every_n_steps: optimizer steps between grids; 0 writes a grid only at the end.
+        num: images in each grid (seeds ``0 .. num-1``; labels cycle through the classes).
+        final_num: images written to ``samples.npz`` (``arr_0`` uint8 NHWC) when fitting ends.
+        batch_size: images generated per forward pass.
+    """
+
+    def __init__(
+        self, every_n_steps: int = 1000, num: int = 100, final_num: int = 0, batch_size: int = 500
+    ) -> None:
+        self.every_n_steps, self.num = every_n_steps, num
+        self.final_num, self.batch_size = final_num, batch_size
+
+    @staticmethod
+    def directory(trainer: L.Trainer) -> Path:
+        """``<log_dir>/samples`` (falls back to ``default_root_dir``)."""
+        return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+    def _generate(self, module: L.LightningModule, num: int):
+        """uint8 NHWC images and class indices for seeds ``0 .. num-1``, in batches."""
+        import torch
+
+        images, labels = [], []
+        for first in range(0, num, self.batch_size):
+            x, y = module.generate(list(range(first, min(num, first + self.batch_size))))
+            images.append(to_uint8(x))
+            labels.append(None if y is None else y.argmax(1))
+        return torch.cat(images), None if labels[0] is None else torch.cat(labels)
+
+    def write_grid(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> Path:
+        """Generate, save and log one grid; returns its path."""
+        images, _ = self._generate(module, self.num)
+        path = save_grid(images, self.directory(trainer) / f"{name}.png", nrow=10)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                grid = images.permute(0, 3, 1, 2)
+                from torchvision.utils import make_grid
+
+                logger.experiment.add_image(
+                    "samples", make_grid(grid, nrow=10), trainer.global_step
+                )
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.write_grid(trainer, pl_module, f"step_{step:07d}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if not trainer.is_global_zero:
+            return
+        grid = self.write_grid(trainer, pl_module, "final")
+        rank_zero_info(f"Sample grid: {grid}")
+        if self.final_num:
+            images, labels = self._generate(pl_module, self.final_num)
+            npz = save_npz(images, self.directory(trainer) / "samples.npz", labels)
+            rank_zero_info(f"Samples ({len(images)} images, arr_0 uint8 NHWC): {npz}")

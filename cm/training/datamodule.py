@@ -1,0 +1,179 @@
+"""``ImageDataModule``: one LightningDataModule for digits, the Gaussian mixture, image folders."""
+
+import copy
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from cm.data import DigitsDataset, FolderDataset, MixtureDataset
+from cm.data.stream import StepStream
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images in [-1, 1] with one-hot labels; the constructor is the ``data:`` YAML schema.
+
+    ``resolution``, ``channels`` and ``label_dim`` can be read before ``setup`` (the model and the
+    CLI size the network from them). ``batch_size`` is the global batch of one optimizer step, as
+    the papers state it: it is split over devices and gradient-accumulation micro-batches. Training
+    data is a ``StepStream``: micro-batch ``k`` depends only on ``k`` and ``seed``, so a resumed
+    run sees the same images, and each rank takes its own slice (no sampler is injected).
+
+    Args:
+        dataset: ``digits`` (scikit-learn 8x8 digits, 10 classes), ``mixture`` (synthetic Gaussian
+            mixture with an exact denoiser) or ``folder`` (a folder or .zip in EDM's
+            ``dataset_tool.py`` layout, labels from its ``dataset.json``).
+        path: folder or .zip for ``folder``; unused otherwise.
+        resolution: image size; digits are resized to it, mixture samples drawn at it, folder
+            images must already have it.
+        batch_size: images per optimizer step over all devices (the papers' batch size).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        flip: random horizontal flips of training images.
+        use_labels: return one-hot labels; if False labels are ``[N, 0]`` and ``label_dim`` is 0.
+        num_samples: ``mixture`` only: number of samples drawn.
+        num_components: ``mixture`` only: number of components (= classes).
+        channels: ``mixture`` only: image channels (digits have 1, folders their own).
+        mixture_std: ``mixture`` only: standard deviation of every component.
+        seed: fixes the mixture and the train/validation split.
+        val_fraction: fraction of images held out for validation; 0 disables validation data.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["digits", "mixture", "folder"] = "digits",
+        path: str | None = None,
+        resolution: int = 8,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        flip: bool = False,
+        use_labels: bool = True,
+        num_samples: int = 10000,
+        num_components: int = 10,
+        channels: int = 1,
+        mixture_std: float = 0.1,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset == "folder" and not path:
+            raise ValueError(
+                "dataset 'folder' needs data.path: a folder or .zip of images "
+                "(EDM dataset_tool.py layout)."
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        self.dataset_name = dataset
+        self.path = path
+        self._resolution = resolution
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.flip = flip
+        self.use_labels = use_labels
+        self.num_samples = num_samples
+        self.num_components = num_components
+        self._channels = channels
+        self.mixture_std = mixture_std
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self._full: Dataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _build(self) -> Dataset:
+        """Construct the full dataset named by ``dataset``."""
+        match self.dataset_name:
+            case "digits":
+                return DigitsDataset(self._resolution, self.flip, self.use_labels)
+            case "mixture":
+                return MixtureDataset(
+                    self.num_samples,
+                    self.num_components,
+                    self._resolution,
+                    self._channels,
+                    self.mixture_std,
+                    self.seed,
+                    self.use_labels,
+                )
+            case "folder":
+                return FolderDataset(self.path, self._resolution, self.flip, self.use_labels)
+            case other:
+                raise ValueError(f"Unknown dataset {other!r}: choose digits, mixture or folder.")
+
+    @property
+    def full_dataset(self) -> Dataset:
+        """The whole dataset (train and validation), built on first use."""
+        if self._full is None:
+            self._full = self._build()
+        return self._full
+
+    @property
+    def resolution(self) -> int:
+        """Image height and width."""
+        return self._resolution
+
+    @property
+    def channels(self) -> int:
+        """Image channels C (folder: from the first image)."""
+        return self.full_dataset.channels
+
+    @property
+    def label_dim(self) -> int:
+        """Label vector length L (0 when unlabelled); also used to draw labels for sampling."""
+        return self.full_dataset.label_dim
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split off the validation images (a fixed permutation from ``seed``)."""
+        if self.train_set is not None:
+            return
+        full = self.full_dataset
+        if self.val_fraction == 0:
+            self.train_set = full
+            return
+        n_val = max(1, round(len(full) * self.val_fraction))
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
+        val_full = copy.copy(full)  # shallow: shares the images, but no augmentation
+        val_full.flip = False
+        self.train_set = Subset(full, perm[n_val:].tolist())
+        self.val_set = Subset(val_full, perm[:n_val].tolist())
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        """Build a DataLoader with the module's batch size and workers."""
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """An endless, resumable stream of this rank's micro-batches (``StepStream``)."""
+        self.setup("fit")
+        world, rank, accumulate, start = 1, 0, 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            accumulate = self.trainer.accumulate_grad_batches
+            start = self.trainer.global_step * accumulate
+        if self.batch_size % (world * accumulate):
+            raise ValueError(
+                f"data.batch_size={self.batch_size} must be divisible by devices x "
+                f"accumulate_grad_batches = {world * accumulate}."
+            )
+        micro = self.batch_size // (world * accumulate)
+        stream = StepStream(self.train_set, micro, self.seed, start, rank, world)
+        return DataLoader(
+            stream,
+            batch_size=micro,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out batches in a fixed order; ``[]`` (no validation data) when val_fraction is 0."""
+        self.setup("validate")
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)

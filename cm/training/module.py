@@ -1,0 +1,165 @@
+"""``DenoiserModule``: one LightningModule for every single-optimizer regime (EDM, CT, iCT, ...)."""
+
+import copy
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from cm.ema import EMA
+from cm.objectives.base import Objective
+from cm.solvers.sampling import Sampler, seed_labels
+
+
+class DenoiserModule(L.LightningModule):
+    """Train a denoiser ``D(x, sigma, labels)`` with an objective; sample with its EMA copy.
+
+    The evaluation EMA covers the denoiser alone (never teachers or metric networks) and lives in
+    the checkpoint as ``ema_denoiser``; the objective owns target/teacher networks.
+
+    Args:
+        denoiser: the trained denoiser, e.g. ``cm.precond.ConsistencyPrecond`` around a network.
+        objective: the loss, e.g. ``cm.objectives.ConsistencyTraining``.
+        optimizer: optimizer factory taking the denoiser's parameters.
+        lr_scheduler: optional scheduler factory, stepped every optimizer step.
+        ema: evaluation EMA; None samples with the online weights.
+        sampler: how samples are drawn (solver, steps) by callbacks, ``predict`` and ``cm sample``.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        objective: Objective,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        ema: EMA | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.denoiser = denoiser
+        self.objective = objective
+        self.objective.bind(denoiser)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.ema = ema
+        self.ema_denoiser = None
+        if ema is not None:
+            self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        self.sampler = sampler if sampler is not None else Sampler()
+        self._batch_size = 0
+
+    @property
+    def eval_denoiser(self) -> nn.Module:
+        """The denoiser used for sampling: the EMA copy when there is one."""
+        return self.ema_denoiser if self.ema_denoiser is not None else self.denoiser
+
+    @property
+    def net(self) -> nn.Module:
+        """The raw network behind the preconditioner (or the denoiser itself)."""
+        return getattr(self.denoiser, "net", self.denoiser)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of generated images, from the data when attached, else the network."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "resolution"):
+            return (dm.channels, dm.resolution, dm.resolution)
+        return (self.net.in_channels, self.net.img_resolution, self.net.img_resolution)
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes the denoiser is conditioned on (0: unconditional)."""
+        return int(getattr(self.net, "label_dim", 0))
+
+    def setup(self, stage: str) -> None:
+        """Check that data and network agree on resolution, channels and labels."""
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "resolution"):
+            return
+        checks = [
+            ("resolution", dm.resolution, getattr(self.net, "img_resolution", dm.resolution)),
+            ("channels", dm.channels, getattr(self.net, "in_channels", dm.channels)),
+            ("label_dim", dm.label_dim, getattr(self.net, "label_dim", dm.label_dim)),
+        ]
+        for name, data_value, net_value in checks:
+            if data_value != net_value:
+                raise ValueError(
+                    f"The data has {name} {data_value} but the network has {name} {net_value}: "
+                    f"set the net's {_NET_KEYS[name]} or data.init_args.{name} to match."
+                )
+
+    def configure_optimizers(self):  # noqa: D102 - Lightning hook
+        optimizer = self.optimizer_factory(self.denoiser.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def total_steps(self) -> int:
+        """K for curricula: ``trainer.max_steps``."""
+        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
+            raise ValueError("Curricula need trainer.max_steps (or objective total_steps) set.")
+        return self.trainer.max_steps
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """One objective evaluation on a batch ``(x0, labels)``."""
+        x0, labels = batch
+        labels = labels if labels.numel() > 0 else None
+        total = getattr(self.objective, "total_steps", None) or self.total_steps()
+        loss = self.objective(self.denoiser, x0, labels, self.global_step, total).mean()
+        self._batch_size = x0.shape[0] * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        for key, value in self.objective.metrics().items():
+            self.log(f"train/{key}", value)
+        return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):  # noqa: D102
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        total = getattr(self.objective, "total_steps", None) or self.total_steps()
+        self.objective.after_optimizer_step(self.denoiser, step, total)
+        if self.ema is not None:
+            batch = self._batch_size * self.trainer.accumulate_grad_batches
+            self.ema.update(self.ema_denoiser, self.denoiser, step, batch)
+
+    @torch.no_grad()
+    def generate(
+        self, seeds: Sequence[int], class_label: int | None = None, sampler: Sampler | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic) and their labels."""
+        labels = seed_labels(seeds, self.label_dim, class_label) if self.label_dim else None
+        denoiser = self.eval_denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        x = (sampler or self.sampler)(denoiser, seeds, self.image_shape, labels, self.device)
+        denoiser.train(was_training)
+        return x.clamp(-1, 1), labels
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Generate uint8 NHWC images for a batch of integer seeds."""
+        from cm.io import to_uint8
+
+        return to_uint8(self.generate(batch.tolist())[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the RNG states so a resumed run draws the same noise."""
+        checkpoint["cm_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["cm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the RNG states saved by ``on_save_checkpoint``."""
+        rng = checkpoint.get("cm_rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+_NET_KEYS = {"resolution": "img_resolution", "channels": "in_channels", "label_dim": "label_dim"}

@@ -1,0 +1,196 @@
+"""ADM UNet (Dhariwal & Nichol 2021): published sizes on the meta device, tiny configs on CPU."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm.networks import ADMUNet
+from cm.networks.adm import timestep_embedding
+
+# ImageNet-64 consistency models (CD/CT) and their EDM teacher, openai/consistency_models
+# scripts/launch.sh: --image_size 64 --num_channels 192 --num_res_blocks 3
+# --attention_resolutions 32,16,8 --num_head_channels 64 --class_cond True --learn_sigma False
+# (default) --use_scale_shift_norm True --resblock_updown True; channel_mult "" -> (1, 2, 3, 4)
+# for 64 px in cm/script_util.py create_model; num_heads 4 (default, unused with head channels).
+# Count derived by instantiating OpenAI's cm/unet.py UNetModel (commit e32b69e) with exactly these
+# flags through a copy of script_util.create_model in a scratch dir, sum(p.numel()).
+IMAGENET64_PARAMS = 295_899_267
+# LSUN-256 (bedroom/cat) CD/CT, same file: --image_size 256 --num_channels 256 --num_res_blocks 2
+# --attention_resolutions 32,16,8 --num_head_channels 64 --class_cond False
+# --use_scale_shift_norm False --resblock_updown True; channel_mult (1, 1, 2, 2, 4, 4) for 256 px.
+# Derived the same way.
+LSUN256_PARAMS = 526_304_771
+
+TINY = dict(
+    img_resolution=8,
+    in_channels=1,
+    out_channels=1,
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_res_blocks=2,
+    attention_resolutions=[4],
+    num_heads=4,
+    num_head_channels=-1,
+)
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def perturb_zero_init(net: nn.Module) -> nn.Module:
+    """Give the zero-initialised layers random weights, so every path contributes."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return net
+
+
+def one_hot(y: torch.Tensor, n: int) -> torch.Tensor:
+    return F.one_hot(y, n).float()
+
+
+def test_imagenet64_cm_param_count():
+    with torch.device("meta"):
+        net = ADMUNet(
+            img_resolution=64,
+            in_channels=3,
+            out_channels=3,
+            label_dim=1000,
+            model_channels=192,
+            channel_mult=[1, 2, 3, 4],
+            num_res_blocks=3,
+            attention_resolutions=[32, 16, 8],
+            num_heads=4,
+            num_head_channels=64,
+            dropout=0.0,
+            resblock_updown=True,
+            use_scale_shift_norm=True,
+        )
+    assert n_params(net) == IMAGENET64_PARAMS
+    # The constructor defaults are this configuration, minus the class embedding.
+    with torch.device("meta"):
+        default = ADMUNet()
+    assert n_params(default) == IMAGENET64_PARAMS - 1000 * 4 * 192
+
+
+def test_lsun256_cm_param_count():
+    with torch.device("meta"):
+        net = ADMUNet(
+            img_resolution=256,
+            model_channels=256,
+            channel_mult=[1, 1, 2, 2, 4, 4],
+            num_res_blocks=2,
+            attention_resolutions=[32, 16, 8],
+            num_head_channels=64,
+            resblock_updown=True,
+            use_scale_shift_norm=False,
+        )
+    assert n_params(net) == LSUN256_PARAMS
+
+
+@pytest.mark.parametrize("label_dim", [10, 0])
+@pytest.mark.parametrize("resblock_updown", [True, False])
+def test_tiny_digits_shapes_and_zero_output(label_dim, resblock_updown):
+    net = ADMUNet(**TINY, label_dim=label_dim, resblock_updown=resblock_updown)
+    assert (net.img_resolution, net.in_channels, net.out_channels) == (8, 1, 1)
+    assert net.label_dim == label_dim
+    x = torch.randn(5, 1, 8, 8)
+    labels = one_hot(torch.arange(5), 10) if label_dim else None
+    out = net(x, torch.randn(5) * 100, labels)
+    assert out.shape == (5, 1, 8, 8)
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
+
+
+def test_16px_rgb_shapes_and_other_resolutions():
+    net = ADMUNet(
+        img_resolution=16,
+        model_channels=16,  # narrower than num_groups: GroupNorm falls back to gcd groups
+        channel_mult=[1, 2, 2],
+        num_res_blocks=1,
+        attention_resolutions=[8, 4],
+        num_head_channels=8,
+        conv_resample=False,
+        resblock_updown=False,
+    )
+    perturb_zero_init(net)
+    assert net(torch.randn(2, 3, 16, 16), torch.randn(2)).shape == (2, 3, 16, 16)
+    assert net(torch.randn(2, 3, 32, 8), torch.randn(2)).shape == (2, 3, 32, 8)
+    # A scalar c_noise broadcasts over the batch.
+    assert net(torch.randn(2, 3, 16, 16), torch.tensor(0.3)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError):
+        ADMUNet(img_resolution=18, channel_mult=[1, 2, 2])
+
+
+def test_gradients_reach_every_parameter():
+    net = perturb_zero_init(ADMUNet(**TINY, label_dim=10, dropout=0.1))
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    net(x, torch.randn(4), one_hot(torch.tensor([0, 1, 2, 3]), 10)).square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_gradient_at_init_reaches_output_conv():
+    net = ADMUNet(**TINY)
+    net(torch.randn(2, 1, 8, 8), torch.randn(2)).sum().backward()
+    assert net.out_conv.weight.grad.abs().sum() > 0
+
+
+def test_batch_independence():
+    net = perturb_zero_init(ADMUNet(**TINY, label_dim=10)).eval()
+    x, c = torch.randn(6, 1, 8, 8), torch.randn(6) * 50
+    labels = one_hot(torch.tensor([0, 3, 3, 9, 1, 5]), 10)
+    with torch.no_grad():
+        batch = net(x, c, labels)
+        assert batch.abs().max() > 1e-3
+        for i in range(6):
+            alone = net(x[i : i + 1], c[i : i + 1], labels[i : i + 1])
+            torch.testing.assert_close(alone, batch[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_conditioning_matters():
+    net = perturb_zero_init(ADMUNet(**TINY, label_dim=10)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        a = net(x, torch.tensor([0.5]), one_hot(torch.tensor([2]), 10))
+        b = net(x, torch.tensor([0.5]), one_hot(torch.tensor([7]), 10))
+        c = net(x, torch.tensor([-3.0]), one_hot(torch.tensor([2]), 10))
+        none = net(x, torch.tensor([0.5]), None)
+        zeros = net(x, torch.tensor([0.5]), torch.zeros(1, 10))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    torch.testing.assert_close(none, zeros)
+
+
+def test_timestep_embedding_matches_openai_formula():
+    t = torch.tensor([0.0, 1.5, -250.0, 999.0])
+    for dim in (8, 9):
+        emb = timestep_embedding(t, dim)
+        half = dim // 2
+        freqs = torch.tensor([10000 ** (-i / half) for i in range(half)])
+        expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
+        assert emb.shape == (4, dim)
+        torch.testing.assert_close(emb[:, : 2 * half], expected)
+        assert dim % 2 == 0 or torch.equal(emb[:, -1], torch.zeros(4))
+    assert math.isclose(timestep_embedding(torch.zeros(1), 4)[0, 0].item(), 1.0)
+
+
+def test_constructor_signature_is_a_yaml_schema(tmp_path):
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(ADMUNet, "net")
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile)
+    cfg = tmp_path / "net.yaml"
+    cfg.write_text(
+        "net:\n  img_resolution: 8\n  in_channels: 1\n  out_channels: 1\n  label_dim: 10\n"
+        "  model_channels: 32\n  channel_mult: [1, 2]\n  attention_resolutions: [4]\n"
+        "  num_head_channels: -1\n"
+    )
+    net = ADMUNet(**vars(parser.parse_args(["--config", str(cfg)]).net))
+    assert net.label_dim == 10
+    assert net(torch.randn(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, 10)).shape == (1, 1, 8, 8)
