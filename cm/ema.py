@@ -37,8 +37,14 @@ class EMA:
     @torch.no_grad()
     def update(self, ema: nn.Module, model: nn.Module, step: int, batch_size: int) -> None:
         """Blend ``model`` into ``ema`` in place; buffers are copied."""
-        beta = self.beta(step, batch_size)
-        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1 - beta)
-        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
+        lerp_(ema, model, 1 - self.beta(step, batch_size))
+
+
+@torch.no_grad()
+def lerp_(target: nn.Module, source: nn.Module, weight: float) -> None:
+    """``target <- target + weight (source - target)`` over parameters; buffers are copied."""
+    params = list(target.parameters())
+    if params:
+        torch._foreach_lerp_(params, [p.detach() for p in source.parameters()], weight)
+    for b_t, b in zip(target.buffers(), source.buffers(), strict=True):
+        b_t.copy_(b)

@@ -65,11 +65,18 @@ class ConsistencyPrecond(Preconditioner):
         net: the raw network ``F(x, c_noise, labels)``.
         sigma_data: standard deviation of the data, ``sigma_d``.
         sigma_min: the boundary ``epsilon`` where ``D`` is the identity.
+        noise_scale: ``c_noise = noise_scale * ln(sigma)``.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        noise_scale: float = 250.0,
+    ) -> None:
         super().__init__(net, sigma_data)
-        self.sigma_min = sigma_min
+        self.sigma_min, self.noise_scale = sigma_min, noise_scale
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Song et al. 2023, Eq. 7 with Appendix C's choices."""
@@ -77,5 +84,5 @@ class ConsistencyPrecond(Preconditioner):
         c_skip = sd2 / ((sigma - self.sigma_min) ** 2 + sd2)
         c_out = (sigma - self.sigma_min) * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sigma**2 + sd2).sqrt()
-        c_noise = 1000 * 0.25 * torch.log(sigma + 1e-44)
+        c_noise = self.noise_scale * torch.log(sigma + 1e-44)
         return c_skip, c_out, c_in, c_noise

@@ -1,3 +1,4 @@
+import itertools
 import json
 import zipfile
 
@@ -144,7 +145,11 @@ def test_datamodule_mixture_and_split():
     assert set(dm.train_set.indices).isdisjoint(dm.val_set.indices)
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 4, 4) and y.shape == (8, 0)
-    assert len(dm.train_dataloader()) == 10
+    # the training stream is endless; one epoch (10 batches of 8) visits every image once
+    batches = list(itertools.islice(iter(dm.train_dataloader()), 10))
+    seen = torch.cat([b[0] for b in batches]).flatten(1)
+    train = torch.stack([dm.train_set[i][0] for i in range(80)]).flatten(1)
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, train.tolist()))
 
 
 def test_datamodule_folder(tmp_path):
@@ -157,3 +162,28 @@ def test_datamodule_folder(tmp_path):
     assert x.shape == (4, 3, 8, 8) and y.shape == (4, 3)
     with pytest.raises(ValueError, match="batch_size"):
         ImageDataModule("folder", path=str(root), batch_size=64).train_dataloader()
+
+
+def test_step_stream_ranks_workers_and_resume():
+    from torch.utils.data import DataLoader
+
+    from cm.data.stream import StepStream
+
+    ds = DigitsDataset(flip=True)
+
+    def batches(n, **kw):
+        loader = DataLoader(
+            StepStream(ds, 8, seed=3, **{k: v for k, v in kw.items() if k != "workers"}),
+            batch_size=8,
+            num_workers=kw.get("workers", 0),
+        )
+        return [b[0] for b in itertools.islice(iter(loader), n)]
+
+    base = batches(6)
+    # two workers interleave in step order and flips depend only on (seed, step, rank)
+    assert all(torch.equal(a, b) for a, b in zip(base, batches(6, workers=2), strict=True))
+    # resuming at step 4 gives steps 4 and 5 again
+    assert all(torch.equal(a, b) for a, b in zip(base[4:], batches(2, start_step=4), strict=True))
+    # two ranks split a global batch of 16 without overlap
+    s0, s1 = StepStream(ds, 8, 3, 0, 0, 2), StepStream(ds, 8, 3, 0, 1, 2)
+    assert not set(s0.indices(5)) & set(s1.indices(5))

@@ -12,7 +12,7 @@ class StepStream(IterableDataset):
 
     Epoch ``e`` is a permutation seeded by ``(seed, e)``; micro-batch ``k`` is the ``k``-th slice
     of ``batch_size * world_size`` indices, of which this rank takes its ``batch_size``. Random
-    augmentations inside ``dataset`` run under a generator seeded by ``(seed, k, position)``, so
+    augmentations inside ``dataset`` run under a generator seeded by ``(seed, k, rank)``, so
     a run resumed at step ``k`` sees exactly the data it would have seen, with any number of
     DataLoader workers (each worker takes every ``num_workers``-th step; PyTorch interleaves them
     in order).
@@ -58,7 +58,9 @@ class StepStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for step in itertools.count(self.start_step + worker, num_workers):
-            for position, index in enumerate(self.indices(step)):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash((self.seed, step, self.rank, position)) & 0xFFFFFFFF)
-                    yield self.dataset[index]
+            # Augmentations draw from a generator seeded by (seed, step, rank); the batch is
+            # materialised inside the fork so the caller's RNG stream is untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, step, self.rank)) & 0xFFFFFFFF)
+                samples = [self.dataset[index] for index in self.indices(step)]
+            yield from samples

@@ -6,6 +6,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.ema import lerp_
 from cm.objectives.base import Objective
 from cm.objectives.distances import PseudoHuber
 from cm.schedules import (
@@ -134,10 +135,7 @@ class ConsistencyTraining(Objective):
         if self.target is None:
             return
         mu = self.ema_decay(step, self.total_steps or total_steps)
-        for p_t, p in zip(self.target.parameters(), denoiser.parameters(), strict=True):
-            p_t.lerp_(p.detach(), 1 - mu)
-        for b_t, b in zip(self.target.buffers(), denoiser.buffers(), strict=True):
-            b_t.copy_(b)
+        lerp_(self.target, denoiser, 1 - mu)
 
     def metrics(self) -> dict[str, float]:
         """The current N(k) and mu(k)."""

@@ -3,5 +3,6 @@
 from cm.training.callbacks import SampleGrid
 from cm.training.datamodule import ImageDataModule
 from cm.training.module import DenoiserModule
+from cm.training.prediction import NpzWriter, SeedDataModule
 
-__all__ = ["DenoiserModule", "ImageDataModule", "SampleGrid"]
+__all__ = ["DenoiserModule", "ImageDataModule", "NpzWriter", "SampleGrid", "SeedDataModule"]

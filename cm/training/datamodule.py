@@ -169,6 +169,9 @@ class ImageDataModule(L.LightningDataModule):
             stream,
             batch_size=micro,
             num_workers=self.num_workers,
+            # Iterators draw worker base seeds from this generator, not from the global RNG,
+            # which a resumed run restores from its checkpoint before creating the iterator.
+            generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
@@ -177,3 +180,7 @@ class ImageDataModule(L.LightningDataModule):
         """Held-out batches in a fixed order; ``[]`` (no validation data) when val_fraction is 0."""
         self.setup("validate")
         return [] if self.val_set is None else self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out split (as ``val_dataloader``): ``cm test`` reports the objective on it."""
+        return self.val_dataloader()

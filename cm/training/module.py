@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from cm.ema import EMA
@@ -38,7 +39,11 @@ class DenoiserModule(L.LightningModule):
         sampler: Sampler | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Under the CLI Lightning hands us the YAML config (class_path/init_args) as hparams and
+        # `load_from_checkpoint`/`cm sample` rebuild from it; built in Python, the arguments are
+        # objects, which must not be pickled into checkpoints (they are read weights_only).
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()
         self.denoiser = denoiser
         self.objective = objective
         self.objective.bind(denoiser)
@@ -46,7 +51,7 @@ class DenoiserModule(L.LightningModule):
         self.ema = ema
         self.ema_denoiser = None
         if ema is not None:
-            self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
         self.sampler = sampler if sampler is not None else Sampler()
         self._batch_size = 0
 
@@ -117,6 +122,26 @@ class DenoiserModule(L.LightningModule):
         for key, value in self.objective.metrics().items():
             self.log(f"train/{key}", value)
         return loss
+
+    @torch.no_grad()
+    def _eval_loss(self, batch: Sequence[Tensor], batch_idx: int, name: str) -> Tensor:
+        """Objective on held-out data at the current curriculum step, with fixed noise."""
+        x0, labels = batch
+        labels = labels if labels.numel() > 0 else None
+        total = getattr(self.objective, "total_steps", None) or max(self.trainer.max_steps, 1)
+        with torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
+            torch.manual_seed(batch_idx)
+            loss = self.objective(self.eval_denoiser, x0, labels, self.global_step, total).mean()
+        self.log(f"{name}/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Held-out objective value (``data.val_fraction > 0``), with the EMA denoiser."""
+        return self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Same as ``validation_step`` on the test split."""
+        return self._eval_loss(batch, batch_idx, "test")
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):  # noqa: D102
         step = self.global_step
