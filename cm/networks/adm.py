@@ -20,27 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of ``c_noise`` (Dhariwal & Nichol 2021; Vaswani et al. 2017, Sec. 3.5).
-
-    Matches OpenAI's ``timestep_embedding``: ``[cos(c f_i), sin(c f_i)]`` with frequencies
-    ``f_i = max_period ** (-i / (dim // 2))``, zero-padded to ``dim`` when ``dim`` is odd.
-
-    Args:
-        c_noise: noise conditioning, ``[N]``; may be fractional.
-        dim: embedding width.
-        max_period: the lowest frequency is ``1 / max_period``.
-
-    Returns:
-        ``[N, dim]`` float32 embedding.
-    """
-    half = dim // 2
-    i = torch.arange(half, dtype=torch.float32, device=c_noise.device)
-    freqs = torch.exp(-math.log(max_period) * i / half)
-    args = c_noise.to(torch.float32)[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
+from cm.networks.embeddings import check_resolution, timestep_embedding
 
 
 def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -263,9 +243,7 @@ class ADMUNet(nn.Module):
         num_groups: int = 32,
     ) -> None:
         super().__init__()
-        factor = 2 ** (len(channel_mult) - 1)
-        if img_resolution % factor:
-            raise ValueError(f"img_resolution {img_resolution} not divisible by {factor}")
+        check_resolution(img_resolution, channel_mult)
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels

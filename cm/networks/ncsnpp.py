@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.networks.embeddings import FourierEmbedding, PositionalEmbedding, check_resolution
+
 EmbeddingType = Literal["positional", "fourier"]
 EncoderType = Literal["standard", "skip", "residual"]
 DecoderType = Literal["standard", "skip"]
@@ -90,44 +92,6 @@ class FIRResample(nn.Module):
                 return F.conv2d(x, f, stride=2, padding=self.padding, groups=c)
             case _:
                 return F.conv_transpose2d(x, f * 4, stride=2, padding=self.padding, groups=c)
-
-
-class PositionalEmbedding(nn.Module):
-    """Sinusoidal ``c_noise`` embedding of DDPM++ (Song et al. 2021; Vaswani et al. 2017).
-
-    ``[sin(c f_i), cos(c f_i)]`` with ``f_i = max_positions ** (-i / (dim / 2 - 1))``: frequencies
-    from 1 down to exactly ``1 / max_positions`` (EDM's ``endpoint=True``).
-    """
-
-    def __init__(self, num_channels: int, max_positions: float = 10000.0) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-
-    def forward(self, c_noise: Tensor) -> Tensor:
-        """Embed ``c_noise`` ``[N]`` as ``[N, num_channels]``."""
-        half = self.num_channels // 2
-        i = torch.arange(half, dtype=torch.float32, device=c_noise.device)
-        freqs = (1 / self.max_positions) ** (i / (half - 1))
-        x = torch.outer(c_noise.to(torch.float32), freqs)
-        return torch.cat([x.sin(), x.cos()], dim=1)
-
-
-class FourierEmbedding(nn.Module):
-    """Random Fourier features of ``c_noise`` for NCSN++ (Song et al. 2021; Tancik et al. 2020).
-
-    ``[sin(2 pi c w_i), cos(2 pi c w_i)]`` with fixed ``w_i ~ N(0, scale^2)`` (a buffer, not
-    trained). Song & Dhariwal 2023 (iCT, Sec. 3.1) lower ``scale`` from 16 to 0.02 for stability.
-    """
-
-    def __init__(self, num_channels: int, scale: float = 16.0) -> None:
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
-
-    def forward(self, c_noise: Tensor) -> Tensor:
-        """Embed ``c_noise`` ``[N]`` as ``[N, num_channels]``."""
-        x = torch.outer(c_noise.to(torch.float32), 2 * math.pi * self.freqs.to(torch.float32))
-        return torch.cat([x.sin(), x.cos()], dim=1)
 
 
 class SelfAttention(nn.Module):
@@ -342,9 +306,7 @@ class NCSNpp(nn.Module):
         resample_filter: Sequence[int] = (1, 1),
     ) -> None:
         super().__init__()
-        factor = 2 ** (len(channel_mult) - 1)
-        if img_resolution % factor:
-            raise ValueError(f"img_resolution {img_resolution} not divisible by {factor}")
+        check_resolution(img_resolution, channel_mult)
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels
