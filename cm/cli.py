@@ -1,5 +1,6 @@
 """``cm``: LightningCLI for fit/validate/test/predict plus ``cm sample`` and ``cm export``."""
 
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -87,7 +88,6 @@ def sample_parser() -> ArgumentParser:
 def sample_main(args: Sequence[str]) -> Path:
     """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
     from cm.io import load_any, save_grid, save_npz, to_uint8
-    from cm.solvers.sampling import seed_labels
 
     cfg = sample_parser().parse_args(list(args))
     device = (
@@ -97,9 +97,7 @@ def sample_main(args: Sequence[str]) -> Path:
     denoiser = denoiser.to(device)
     sampler = _sampler_from(hparams.get("sampler"))
     if cfg.solver is not None:
-        from jsonargparse._typehints import import_object
-
-        sampler.solver = import_object(cfg.solver)
+        sampler.solver = _import_solver(cfg.solver)
     if cfg.steps is not None:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
     if cfg.sigmas is not None:
@@ -107,19 +105,28 @@ def sample_main(args: Sequence[str]) -> Path:
     net = getattr(denoiser, "net", denoiser)
     shape = (net.in_channels, net.img_resolution, net.img_resolution)
     label_dim = int(getattr(net, "label_dim", 0))
-    images, labels = [], []
-    for first in range(cfg.seed, cfg.seed + cfg.num, cfg.batch_size):
-        seeds = list(range(first, min(cfg.seed + cfg.num, first + cfg.batch_size)))
-        y = seed_labels(seeds, label_dim, cfg.class_label) if label_dim else None
-        x = sampler(denoiser, seeds, shape, y, device)
-        images.append(to_uint8(x.clamp(-1, 1)))
-        labels.append(None if y is None else y.argmax(1))
-    images = torch.cat(images)
-    out = save_npz(images, cfg.out, None if labels[0] is None else torch.cat(labels))
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num))
+    x, labels = sampler.generate(
+        denoiser, seeds, shape, label_dim, cfg.class_label, cfg.batch_size, device
+    )
+    images = to_uint8(x)
+    out = save_npz(images, cfg.out, labels)
     print(f"Wrote {len(images)} samples to {out}")
     if cfg.grid:
         print(f"Wrote grid to {save_grid(images[:100], cfg.grid, nrow=10)}")
     return out
+
+
+def _import_solver(path: str):
+    """The solver function at an import path like ``cm.solvers.heun``."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(
+            f"--solver {path!r} is not an importable function: use e.g. cm.solvers.heun or "
+            "cm.solvers.consistency.multistep."
+        ) from None
 
 
 def _sampler_from(config: dict | None):

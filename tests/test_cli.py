@@ -146,6 +146,12 @@ def test_resolution_mismatch_is_clear(tmp_path):
         fit(tmp_path / "bad", 1, "--data.init_args.resolution=16")
 
 
+def test_bad_solver_is_clear(tmp_path):
+    ckpt = last_ckpt(fit(tmp_path / "run", 1))
+    with pytest.raises(ValueError, match="not an importable function"):
+        main(["sample", "--ckpt_path", str(ckpt), "--solver", "cm.solvers.nope"])
+
+
 def test_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["sample", "--ckpt_path", str(tmp_path / "nope.ckpt")])

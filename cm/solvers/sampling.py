@@ -92,6 +92,29 @@ class Sampler:
         labels = None if labels is None else labels.to(device)
         return self.solver(denoiser, x, sigmas, labels, **kwargs)
 
+    @torch.no_grad()
+    def generate(
+        self,
+        denoiser: Denoiser,
+        seeds: Sequence[int],
+        shape: Sequence[int],
+        label_dim: int = 0,
+        class_label: int | None = None,
+        batch_size: int = 256,
+        device: torch.device | str = "cpu",
+    ) -> tuple[Tensor, Tensor | None]:
+        """Images clamped to ``[-1, 1]`` for ``seeds`` in batches, and their class indices.
+
+        Labels come from the seeds (``seed_labels``), so results do not depend on ``batch_size``.
+        """
+        images, classes = [], []
+        for first in range(0, len(seeds), batch_size):
+            chunk = list(seeds[first : first + batch_size])
+            labels = seed_labels(chunk, label_dim, class_label) if label_dim else None
+            images.append(self(denoiser, chunk, shape, labels, device).clamp(-1, 1))
+            classes.append(None if labels is None else labels.argmax(1))
+        return torch.cat(images), None if label_dim == 0 else torch.cat(classes)
+
 
 def _takes(fn: Callable, name: str) -> bool:
     """Whether ``fn`` accepts keyword ``name``."""

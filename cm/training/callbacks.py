@@ -34,15 +34,9 @@ class SampleGrid(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def _generate(self, module: L.LightningModule, num: int):
-        """uint8 NHWC images and class indices for seeds ``0 .. num-1``, in batches."""
-        import torch
-
-        images, labels = [], []
-        for first in range(0, num, self.batch_size):
-            x, y = module.generate(list(range(first, min(num, first + self.batch_size))))
-            images.append(to_uint8(x))
-            labels.append(None if y is None else y.argmax(1))
-        return torch.cat(images), None if labels[0] is None else torch.cat(labels)
+        """uint8 NHWC images and class indices for seeds ``0 .. num-1``."""
+        x, labels = module.generate(list(range(num)), batch_size=self.batch_size)
+        return to_uint8(x), labels
 
     def write_grid(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> Path:
         """Generate, save and log one grid; returns its path."""

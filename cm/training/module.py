@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from cm.ema import EMA
 from cm.objectives.base import Objective
-from cm.solvers.sampling import Sampler, seed_labels
+from cm.solvers.sampling import Sampler
 
 
 class DenoiserModule(L.LightningModule):
@@ -154,16 +154,21 @@ class DenoiserModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, seeds: Sequence[int], class_label: int | None = None, sampler: Sampler | None = None
+        self,
+        seeds: Sequence[int],
+        class_label: int | None = None,
+        sampler: Sampler | None = None,
+        batch_size: int = 256,
     ) -> tuple[Tensor, Tensor | None]:
-        """Images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic) and their labels."""
-        labels = seed_labels(seeds, self.label_dim, class_label) if self.label_dim else None
+        """EMA-denoiser images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic), classes."""
         denoiser = self.eval_denoiser
         was_training = denoiser.training
         denoiser.eval()
-        x = (sampler or self.sampler)(denoiser, seeds, self.image_shape, labels, self.device)
+        out = (sampler or self.sampler).generate(
+            denoiser, seeds, self.image_shape, self.label_dim, class_label, batch_size, self.device
+        )
         denoiser.train(was_training)
-        return x.clamp(-1, 1), labels
+        return out
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Generate uint8 NHWC images for a batch of integer seeds."""
