@@ -105,18 +105,29 @@ class DenoiserModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def total_steps(self) -> int:
-        """K for curricula: ``trainer.max_steps``."""
-        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
+    def total_steps(self, strict: bool = True) -> int:
+        """K for curricula: the objective's own ``total_steps``, else ``trainer.max_steps``.
+
+        With ``strict=False`` (evaluation) an unset ``max_steps`` counts as 1 instead of raising.
+        """
+        total = getattr(self.objective, "total_steps", None) or self.trainer.max_steps
+        if total is None or total < 1:
+            if not strict:
+                return 1
             raise ValueError("Curricula need trainer.max_steps (or objective total_steps) set.")
-        return self.trainer.max_steps
+        return total
+
+    @staticmethod
+    def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``(x0, labels)``; an empty label tensor (unlabelled data) becomes None."""
+        x0, labels = batch
+        return x0, labels if labels.numel() > 0 else None
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         """One objective evaluation on a batch ``(x0, labels)``."""
-        x0, labels = batch
-        labels = labels if labels.numel() > 0 else None
-        total = getattr(self.objective, "total_steps", None) or self.total_steps()
-        loss = self.objective(self.denoiser, x0, labels, self.global_step, total).mean()
+        x0, labels = self._unpack(batch)
+        loss = self.objective(self.denoiser, x0, labels, self.global_step, self.total_steps())
+        loss = loss.mean()
         self._batch_size = x0.shape[0] * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         for key, value in self.objective.metrics().items():
@@ -126,9 +137,8 @@ class DenoiserModule(L.LightningModule):
     @torch.no_grad()
     def _eval_loss(self, batch: Sequence[Tensor], batch_idx: int, name: str) -> Tensor:
         """Objective on held-out data at the current curriculum step, with fixed noise."""
-        x0, labels = batch
-        labels = labels if labels.numel() > 0 else None
-        total = getattr(self.objective, "total_steps", None) or max(self.trainer.max_steps, 1)
+        x0, labels = self._unpack(batch)
+        total = self.total_steps(strict=False)
         with torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)
             loss = self.objective(self.eval_denoiser, x0, labels, self.global_step, total).mean()
@@ -146,8 +156,7 @@ class DenoiserModule(L.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):  # noqa: D102
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        total = getattr(self.objective, "total_steps", None) or self.total_steps()
-        self.objective.after_optimizer_step(self.denoiser, step, total)
+        self.objective.after_optimizer_step(self.denoiser, step, self.total_steps())
         if self.ema is not None:
             batch = self._batch_size * self.trainer.accumulate_grad_batches
             self.ema.update(self.ema_denoiser, self.denoiser, step, batch)

@@ -54,6 +54,6 @@ class NpzWriter(BasePredictionWriter):
         out = Path(self.out)
         if trainer.world_size > 1:
             out = out.with_suffix(f".rank{trainer.global_rank}.npz")
-        images = torch.cat([p for p in predictions])
+        images = torch.cat(predictions)
         save_npz(images, out)
         rank_zero_info(f"Wrote {len(images)} samples to {out}")
