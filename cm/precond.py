@@ -42,7 +42,18 @@ class Preconditioner(nn.Module):
 
 
 class EDMPrecond(Preconditioner):
-    """Karras et al. 2022, Table 1 ("Ours"): EDM scalings, ``c_noise = ln(sigma) / 4``."""
+    """Karras et al. 2022, Table 1 ("Ours"): EDM scalings, ``c_noise = noise_scale * ln(sigma)``.
+
+    Args:
+        net: the raw network ``F(x, c_noise, labels)``.
+        sigma_data: standard deviation of the data, ``sigma_d``.
+        noise_scale: 0.25 as EDM; openai/consistency_models' EDM teachers use
+            ``1000 * 0.25 * ln(sigma + 1e-44)``, i.e. 250.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, noise_scale: float = 0.25) -> None:
+        super().__init__(net, sigma_data)
+        self.noise_scale = noise_scale
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """EDM Table 1: ``c_skip, c_out, c_in, c_noise``."""
@@ -50,7 +61,7 @@ class EDMPrecond(Preconditioner):
         c_skip = sd2 / (sigma**2 + sd2)
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sigma**2 + sd2).sqrt()
-        return c_skip, c_out, c_in, sigma.log() / 4
+        return c_skip, c_out, c_in, self.noise_scale * torch.log(sigma + 1e-44)
 
 
 class ConsistencyPrecond(Preconditioner):
