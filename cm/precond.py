@@ -5,13 +5,18 @@
 float32 whatever the autocast dtype of the network.
 """
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
+from cm.schedules import vp_betas, vp_sigmas
+
 
 def _sigma_column(sigma: Tensor | float, x: Tensor) -> Tensor:
-    """``sigma`` as float32 ``[N, 1, 1, 1]`` broadcastable against ``x``."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    """``sigma`` as float32 (float64 for float64 ``x``) ``[N, 1, 1, 1]`` broadcastable on ``x``."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    sigma = torch.as_tensor(sigma, device=x.device).to(dtype)
     return sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
 
 
@@ -97,3 +102,83 @@ class ConsistencyPrecond(Preconditioner):
         c_in = 1 / (sigma**2 + sd2).sqrt()
         c_noise = self.noise_scale * torch.log(sigma + 1e-44)
         return c_skip, c_out, c_in, c_noise
+
+
+class VPPrecond(nn.Module):
+    """Ho et al. 2020: a discrete ``eps``-prediction DDPM over T timesteps as an EDM denoiser.
+
+    ``sigma`` maps to the nearest trained timestep ``t`` (in ``ln sigma``) of the table
+    ``sigma_t = sqrt((1 - abar_t) / abar_t)``; then ``D(x; sigma) = x - sigma eps(c_in x, t)``
+    with ``c_in = 1 / sqrt(1 + sigma^2)`` (Karras et al. 2022, Table 1, VP), so ``c_in x`` is the
+    DDPM state ``x_t``. The network gets ``c_noise = t``, the integer timestep as in
+    openai/improved-diffusion. Computed in float32 whatever the network's autocast dtype.
+
+    Args:
+        net: the raw network ``eps(x_t, t, labels)`` with ``out_channels = in_channels``.
+        schedule: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021) betas.
+        num_timesteps: T, the number of trained timesteps.
+    """
+
+    learned_variance = False
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Literal["linear", "cosine"] = "linear",
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.schedule, self.num_timesteps = schedule, num_timesteps
+        betas = vp_betas(schedule, num_timesteps)
+        # Derived from the config, so not saved: imported checkpoints carry only the network.
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("sigmas", vp_sigmas(betas), persistent=False)
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """Nearest trained timestep index ``[N]`` (long) to ``sigma`` in log space."""
+        log_table = self.sigmas.log().to(sigma.device)
+        log_sigma = sigma.to(torch.float64).clamp(min=1e-20).log().reshape(-1, 1)
+        return (log_sigma - log_table).abs().argmin(dim=1)
+
+    def predict(
+        self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(eps, v)``: the predicted noise and, for learned variances, ``v`` in [0, 1]."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 in tests
+        sigma = _sigma_column(sigma, x)
+        t = self.timestep(sigma.flatten())
+        out = self.net(x / (1 + sigma**2).sqrt(), t.to(torch.float32), labels).to(x.dtype)
+        if not self.learned_variance:
+            return out, None
+        eps, v = out.chunk(2, dim=1)
+        return eps, (v + 1) / 2  # improved-diffusion's "learned range": v_raw in [-1, 1]
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        """``D(x; sigma) = x - sigma eps`` (Karras et al. 2022, Table 1, VP)."""
+        eps, _ = self.predict(x, sigma, labels)
+        return x.to(eps.dtype) - _sigma_column(sigma, x).to(eps.dtype) * eps
+
+
+class IDDPMPrecond(VPPrecond):
+    """Nichol & Dhariwal 2021, Eq. 15: a DDPM with learned variance from ``2C`` output channels.
+
+    The first ``C`` channels are ``eps``, the last ``C`` the interpolation ``v`` (mapped from
+    ``[-1, 1]`` to ``[0, 1]``) of ``Sigma = exp(v ln beta_t + (1 - v) ln beta~_t)``; the denoiser
+    ``D`` uses ``eps`` only, ``cm.solvers.ddpm`` and the hybrid loss use ``v`` via ``predict``.
+
+    Args:
+        net: the raw network with ``out_channels = 2 * in_channels``.
+        schedule: ``"linear"`` or ``"cosine"`` (the iDDPM default) betas.
+        num_timesteps: T, the number of trained timesteps.
+    """
+
+    learned_variance = True
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Literal["linear", "cosine"] = "cosine",
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__(net, schedule, num_timesteps)

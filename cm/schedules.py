@@ -88,3 +88,61 @@ def edm_lognormal_sigmas(
     """Karras et al. 2022, Table 1 (training): ``ln(sigma) ~ N(P_mean, P_std^2)``, ``[n]``."""
     z = torch.randn(n, generator=generator, device=device)
     return (z * p_std + p_mean).exp()
+
+
+def vp_betas(schedule: str = "linear", num_timesteps: int = 1000) -> Tensor:
+    """DDPM betas ``[T]`` (float64): Ho et al. 2020 linear or Nichol & Dhariwal 2021, Eq. 17 cosine.
+
+    ``linear`` runs from 1e-4 to 0.02 for T = 1000, scaled by ``1000 / T`` for other T as
+    openai/improved-diffusion does; ``cosine`` uses ``alpha_bar(t) = cos^2((t/T + s)/(1 + s) pi/2)``
+    with ``s = 0.008`` and clips ``beta`` at 0.999.
+    """
+    T = num_timesteps
+    match schedule:
+        case "linear":
+            scale = 1000 / T
+            return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+        case "cosine":
+            s = 0.008
+            t = torch.arange(T + 1, dtype=torch.float64) / T
+            alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+            return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        case _:
+            raise ValueError(f"Unknown beta schedule '{schedule}': use 'linear' or 'cosine'.")
+
+
+def vp_sigmas(betas: Tensor) -> Tensor:
+    """EDM noise levels ``sigma_t = sqrt((1 - abar_t) / abar_t)`` of DDPM timesteps (increasing).
+
+    With ``x_edm = x_vp / sqrt(abar_t)`` the VP forward process ``x_vp = sqrt(abar) y +
+    sqrt(1 - abar) n`` is ``x_edm = y + sigma_t n`` (Karras et al. 2022, Table 1, VP).
+    """
+    alpha_bar = torch.cumprod(1 - betas.to(torch.float64), dim=0)
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def vp_timestep_sigmas(sigmas: Tensor, num_steps: int) -> Tensor:
+    """``num_steps`` evenly spaced trained timesteps from T-1 down to 0 as a grid ending in 0.
+
+    ``sigmas`` is a DDPM model's ``[T]`` table; ``num_steps = T`` gives ancestral DDPM's full
+    chain, fewer the DDIM subsequence (Song et al. 2021a, Sec. 4.2), endpoints included.
+    """
+    T = len(sigmas)
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}] for a {T}-step model, got {num_steps}.")
+    t = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long()
+    grid = sigmas.to(torch.float64).cpu()[t]
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+def cosine_sigmas(num_steps: int, sigma_max: float = 80.0) -> Tensor:
+    """Time-uniform grid of the cosine schedule truncated at ``sigma_max``, ``[num_steps + 1]``.
+
+    ``alpha_t = cos(pi t / 2)`` (Salimans & Ho 2022) is ``sigma(t) = tan(pi t / 2)`` in EDM
+    coordinates; ``t`` runs over ``i / num_steps`` scaled so ``sigma(1) = sigma_max``. The grid of
+    ``2n`` steps contains the grid of ``n`` steps, as progressive distillation needs.
+    """
+    if num_steps < 1:
+        raise ValueError(f"cosine_sigmas needs num_steps >= 1, got {num_steps}.")
+    i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
+    return torch.tan(i / num_steps * math.atan(sigma_max))

@@ -2,6 +2,7 @@
 
 from cm.objectives.base import Objective
 from cm.objectives.consistency import ConsistencyTraining
+from cm.objectives.ddpm import DDPMLoss
 from cm.objectives.denoising import DenoisingScoreMatching
 from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
 
@@ -9,6 +10,7 @@ __all__ = [
     "L1",
     "LPIPS",
     "ConsistencyTraining",
+    "DDPMLoss",
     "DenoisingScoreMatching",
     "Objective",
     "PseudoHuber",

@@ -19,6 +19,12 @@ class Objective(nn.Module):
         """Per-sample loss ``[N]`` of ``denoiser`` on clean data ``x0`` at training ``step``."""
         raise NotImplementedError
 
+    def evaluate(
+        self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
+    ) -> dict[str, Tensor]:
+        """Held-out scalars (``cm validate``/``cm test``); by default the mean loss."""
+        return {"loss": self(denoiser, x0, labels, step, total_steps).mean()}
+
     def after_optimizer_step(self, denoiser: nn.Module, step: int, total_steps: int) -> None:
         """Update internal state (e.g. the target EMA) after the optimizer stepped at ``step``."""
 

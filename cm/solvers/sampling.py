@@ -2,12 +2,13 @@
 
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from cm.protocols import Denoiser
-from cm.schedules import karras_sigmas
+from cm.schedules import cosine_sigmas, karras_sigmas, vp_timestep_sigmas
 from cm.solvers.consistency import onestep
 
 
@@ -46,10 +47,13 @@ class Sampler:
 
     Args:
         solver: any ``cm.solvers`` function ``fn(denoiser, x, sigmas, labels=None, ...)``.
-        num_steps: steps of the Karras grid (``karras_sigmas(num_steps, ...)``); 1 is one-step.
-        sigma_min: smallest nonzero sigma of the grid.
-        sigma_max: the starting noise level ``T``.
+        num_steps: steps of the grid; 1 is one-step.
+        sigma_min: smallest nonzero sigma of the Karras grid.
+        sigma_max: the starting noise level ``T`` (Karras and cosine grids).
         rho: Karras grid exponent.
+        schedule: ``"karras"`` (``karras_sigmas``, EDM Eq. 5), ``"vp"`` (``num_steps`` evenly
+            spaced trained timesteps of a DDPM denoiser, ``vp_timestep_sigmas``) or ``"cosine"``
+            (``cosine_sigmas``, progressive distillation's grid).
         sigmas: an explicit decreasing grid instead (e.g. CM's 2-step ``[80.0, 0.661]``); a
             trailing 0 is appended when missing.
     """
@@ -62,18 +66,31 @@ class Sampler:
         sigma_max: float = 80.0,
         rho: float = 7.0,
         sigmas: list[float] | None = None,
+        schedule: Literal["karras", "vp", "cosine"] = "karras",
     ) -> None:
         self.solver = solver
         self.num_steps = num_steps
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-        self.sigmas = sigmas
+        self.sigmas, self.schedule = sigmas, schedule
 
-    def grid(self) -> Tensor:
-        """The decreasing float64 sigma grid ending in 0."""
+    def grid(self, denoiser: Denoiser | None = None) -> Tensor:
+        """The decreasing float64 sigma grid ending in 0 (``"vp"`` reads ``denoiser.sigmas``)."""
         if self.sigmas is not None:
             sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
             return sigmas if sigmas[-1] == 0 else torch.cat([sigmas, sigmas.new_zeros(1)])
-        return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+        match self.schedule:
+            case "karras":
+                return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+            case "cosine":
+                return cosine_sigmas(self.num_steps, self.sigma_max)
+            case "vp":
+                table = getattr(denoiser, "sigmas", None)
+                if table is None:
+                    raise ValueError(
+                        "schedule 'vp' needs a DDPM denoiser (cm.precond.VPPrecond or "
+                        "IDDPMPrecond) with a timestep table; use 'karras' for other denoisers."
+                    )
+                return vp_timestep_sigmas(table, self.num_steps)
 
     @torch.no_grad()
     def __call__(
@@ -86,7 +103,7 @@ class Sampler:
     ) -> Tensor:
         """Generate ``[len(seeds), *shape]`` images in ``[-1, 1]``-scale (unclipped)."""
         noise = SeededNoise(seeds, device)
-        sigmas = self.grid()
+        sigmas = self.grid(denoiser)
         x = noise.randn(shape) * sigmas[0].item()
         kwargs = {"noise": noise.randn_like} if _takes(self.solver, "noise") else {}
         labels = None if labels is None else labels.to(device)

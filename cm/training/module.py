@@ -136,14 +136,16 @@ class DenoiserModule(L.LightningModule):
 
     @torch.no_grad()
     def _eval_loss(self, batch: Sequence[Tensor], batch_idx: int, name: str) -> Tensor:
-        """Objective on held-out data at the current curriculum step, with fixed noise."""
+        """Objective (and its extra scalars, e.g. bits/dim) on held-out data, with fixed noise."""
         x0, labels = self._unpack(batch)
         total = self.total_steps(strict=False)
         with torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)
-            loss = self.objective(self.eval_denoiser, x0, labels, self.global_step, total).mean()
-        self.log(f"{name}/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
+            step = self.global_step
+            values = self.objective.evaluate(self.eval_denoiser, x0, labels, step, total)
+        for key, value in values.items():
+            self.log(f"{name}/{key}", value, prog_bar=key == "loss", sync_dist=True)
+        return values["loss"]
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         """Held-out objective value (``data.val_fraction > 0``), with the EMA denoiser."""
