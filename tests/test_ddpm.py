@@ -146,7 +146,9 @@ def test_vlb_terms_against_hand_computed_kl():
     a_t, a_prev, b_t = abar[t], abar[t - 1], betas[t]
     a_t, a_prev, b_t = (v.view(-1, 1, 1, 1) for v in (a_t, a_prev, b_t))
     x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * n
-    mean_q = (a_prev.sqrt() * b_t / (1 - a_t)) * x0 + ((1 - b_t).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
+    coef_x0 = a_prev.sqrt() * b_t / (1 - a_t)
+    coef_xt = (1 - b_t).sqrt() * (1 - a_prev) / (1 - a_t)
+    mean_q = coef_x0 * x0 + coef_xt * x_t
     var_q = b_t * (1 - a_prev) / (1 - a_t)
     eps, v = den.predict(x, sigma.flatten())
     mean_p = (x_t - b_t / (1 - a_t).sqrt() * eps) / (1 - b_t).sqrt()

@@ -5,7 +5,14 @@ from cm.solvers.ancestral import ddim, ddpm
 from cm.solvers.rk import euler, euler_step, heun, heun_step
 from cm.solvers.sampling import Sampler, SeededNoise
 
-__all__ = ["Sampler", "SeededNoise", "consistency",
+__all__ = [
+    "Sampler",
+    "SeededNoise",
+    "consistency",
     "ddim",
     "ddpm",
-    "euler", "euler_step", "heun", "heun_step"]
+    "euler",
+    "euler_step",
+    "heun",
+    "heun_step",
+]
