@@ -1,4 +1,4 @@
-"""``ImageDataModule``: one LightningDataModule for digits, the Gaussian mixture, image folders."""
+"""``ImageDataModule``: one LightningDataModule for toy data, image folders, published datasets."""
 
 import copy
 from typing import Literal
@@ -7,7 +7,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cm.data import DigitsDataset, FolderDataset, MixtureDataset
+from cm.data import (
+    CIFAR10Dataset,
+    DigitsDataset,
+    FolderDataset,
+    ImageNet64Dataset,
+    LSUNDataset,
+    MixtureDataset,
+    open_dataset,
+)
 from cm.data.stream import StepStream
 
 
@@ -22,11 +30,16 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         dataset: ``digits`` (scikit-learn 8x8 digits, 10 classes), ``mixture`` (synthetic Gaussian
-            mixture with an exact denoiser) or ``folder`` (a folder or .zip in EDM's
-            ``dataset_tool.py`` layout, labels from its ``dataset.json``).
-        path: folder or .zip for ``folder``; unused otherwise.
-        resolution: image size; digits are resized to it, mixture samples drawn at it, folder
-            images must already have it.
+            mixture with an exact denoiser), ``folder`` (a folder or .zip in EDM's
+            ``dataset_tool.py`` layout, labels from its ``dataset.json``), ``cifar10`` (the python
+            batches, 32x32, 10 classes), ``imagenet64`` (the official downsampled ImageNet 64x64
+            ``.npz`` batches, 1000 classes) or ``lsun`` (a folder of LSUN images, unlabelled).
+        path: for ``folder``: the folder or .zip; ``cifar10``: the ``cifar-10-batches-py`` folder
+            or its parent; ``imagenet64``: the folder of ``.npz`` batches; ``lsun``: the image
+            folder. Unused for digits and mixture.
+        resolution: image size; digits are resized to it, mixture samples drawn at it, LSUN
+            images center-cropped to it; folder, CIFAR-10 (32) and ImageNet64 (64) images must
+            already have it.
         batch_size: images per optimizer step over all devices (the papers' batch size).
         num_workers: DataLoader worker processes (0 loads in the main process).
         flip: random horizontal flips of training images.
@@ -37,11 +50,14 @@ class ImageDataModule(L.LightningDataModule):
         mixture_std: ``mixture`` only: standard deviation of every component.
         seed: fixes the mixture and the train/validation split.
         val_fraction: fraction of images held out for validation; 0 disables validation data.
+        split: ``cifar10``/``imagenet64`` only: ``train`` or ``test`` (ImageNet's validation set).
+        cache_dir: ``imagenet64`` only: folder for the one-time uint8 ``.npy`` cache that is
+            memory-mapped in training (15.7 GB for train); defaults to ``path``.
     """
 
     def __init__(
         self,
-        dataset: Literal["digits", "mixture", "folder"] = "digits",
+        dataset: Literal["digits", "mixture", "folder", "cifar10", "imagenet64", "lsun"] = "digits",
         path: str | None = None,
         resolution: int = 8,
         batch_size: int = 64,
@@ -54,6 +70,8 @@ class ImageDataModule(L.LightningDataModule):
         mixture_std: float = 0.1,
         seed: int = 0,
         val_fraction: float = 0.0,
+        split: Literal["train", "test"] = "train",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -62,6 +80,13 @@ class ImageDataModule(L.LightningDataModule):
                 "dataset 'folder' needs data.path: a folder or .zip of images "
                 "(EDM dataset_tool.py layout)."
             )
+        published = _published_class(dataset)
+        if published is not None and not path:
+            raise ValueError(
+                f"dataset '{dataset}' needs data.path: the folder holding the {dataset} files."
+            )
+        if published is not None and published is not LSUNDataset:  # LSUN is resized to any size
+            published.check_resolution(resolution)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         self.dataset_name = dataset
@@ -77,6 +102,8 @@ class ImageDataModule(L.LightningDataModule):
         self.mixture_std = mixture_std
         self.seed = seed
         self.val_fraction = val_fraction
+        self.split = split
+        self.cache_dir = cache_dir
         self._full: Dataset | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -98,8 +125,26 @@ class ImageDataModule(L.LightningDataModule):
                 )
             case "folder":
                 return FolderDataset(self.path, self._resolution, self.flip, self.use_labels)
+            case "cifar10" | "imagenet64" | "lsun":
+                return open_dataset(
+                    self.dataset_name,
+                    self.path,
+                    self._resolution,
+                    self.split,
+                    self.cache_dir,
+                    self.flip,
+                    self.use_labels,
+                )
             case other:
-                raise ValueError(f"Unknown dataset {other!r}: choose digits, mixture or folder.")
+                raise ValueError(
+                    f"Unknown dataset {other!r}: choose digits, mixture, folder, cifar10, "
+                    "imagenet64 or lsun."
+                )
+
+    def prepare_data(self) -> None:
+        """Build the ImageNet64 ``.npy`` cache once per node (Lightning runs it on local rank 0)."""
+        if self.dataset_name == "imagenet64":
+            ImageNet64Dataset.prepare(self.path, self.split, self.cache_dir)
 
     @property
     def full_dataset(self) -> Dataset:
@@ -116,12 +161,16 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def channels(self) -> int:
         """Image channels C (folder: from the first image)."""
-        return self.full_dataset.channels
+        published = _published_class(self.dataset_name)  # known without reading the files
+        return self.full_dataset.channels if published is None else published.channels
 
     @property
     def label_dim(self) -> int:
         """Label vector length L (0 when unlabelled); also used to draw labels for sampling."""
-        return self.full_dataset.label_dim
+        published = _published_class(self.dataset_name)
+        if published is None:
+            return self.full_dataset.label_dim
+        return published.num_classes if self.use_labels else 0
 
     def setup(self, stage: str | None = None) -> None:
         """Split off the validation images (a fixed permutation from ``seed``)."""
@@ -184,3 +233,16 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """The held-out split (as ``val_dataloader``): ``cm test`` reports the objective on it."""
         return self.val_dataloader()
+
+
+def _published_class(dataset: str) -> type | None:
+    """The class of a published dataset (fixed channels and classes), None for the others."""
+    match dataset:
+        case "cifar10":
+            return CIFAR10Dataset
+        case "imagenet64":
+            return ImageNet64Dataset
+        case "lsun":
+            return LSUNDataset
+        case _:
+            return None
