@@ -1,18 +1,30 @@
-"""Bare denoisers on disk: ``model.safetensors`` + ``config.json`` (the constructor config).
+"""Denoisers on disk: exported, ``cm fit`` checkpoints, published OpenAI/EDM state dicts.
 
-``config.json`` holds ``{"denoiser": {"class_path": ..., "init_args": ...}}`` as written in the
-training YAML, so ``load`` rebuilds the denoiser with jsonargparse and no pickle is ever read.
+An export is ``model.safetensors`` + ``config.json``; ``config.json`` holds ``{"denoiser":
+{"class_path": ..., "init_args": ...}}`` as written in the training YAML, so ``load`` rebuilds
+the denoiser with jsonargparse and no pickle is ever read. Foreign checkpoints (``load_denoiser``
+with ``format="openai"``/``"openai_legacy"``/``"edm"``) are loaded into a given denoiser through
+the key remaps of ``cm.convert``. EDM's ``network-snapshot-*.pkl`` is a pickle of code, which
+``weights_only`` refuses; extract its state dict once, from the root of an NVlabs/edm checkout::
+
+    python -c "import pickle, sys, torch; torch.save(pickle.load(open(sys.argv[1], 'rb'))\
+['ema'].state_dict(), sys.argv[2])" network-snapshot-XXXXXX.pkl edm_state.pt
 """
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+
+from cm.convert import convert_edm, convert_openai, network_of
+from cm.networks import ADMUNet, NCSNpp
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+Format = Literal["auto", "cm", "openai", "openai_legacy", "edm"]
 
 
 def build(config: dict[str, Any]) -> nn.Module:
@@ -124,3 +136,200 @@ def load_any(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, A
     if path.is_dir():
         return load(path), json.loads((path / CONFIG).read_text())
     return load_checkpoint(path, ema)
+
+
+def _published(path: Path, format: Format) -> str:
+    """Where a published checkpoint named like ``path`` is downloaded from ('' if unknown)."""
+    name = path.name
+    if re.fullmatch(r"(edm|cd|ct)_(imagenet64|bedroom256|cat256)\w*\.pt", name):
+        return f" (published at https://openaipublic.blob.core.windows.net/consistency/{name})"
+    if re.fullmatch(r"\d+(x\d+_diffusion\w*|_\d+_upsampler)\.pt", name):
+        return (
+            f" (published at https://openaipublic.blob.core.windows.net/diffusion/jul-2021/{name})"
+        )
+    match format:
+        case "openai" | "openai_legacy":
+            return " (published by openai/consistency_models and openai/guided-diffusion)"
+        case "edm":
+            return " (extract it from NVlabs/edm's network-snapshot-*.pkl as cm.io describes)"
+        case _:
+            return ""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A denoiser ``{"class_path", "init_args"}`` config from a YAML or JSON file.
+
+    A file with a top-level ``denoiser`` key (an export's ``config.json``) works too.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Denoiser config '{path}' does not exist: write a YAML file with the denoiser's "
+            "class_path and init_args, e.g. configs/teachers/openai_edm_imagenet64.yaml."
+        )
+    config = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    if isinstance(config, dict) and "class_path" not in config:
+        config = config.get("denoiser")
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(
+            f"'{path}' holds no denoiser config: give it a top-level class_path and init_args "
+            "(e.g. class_path: cm.precond.EDMPrecond) as in configs/teachers/."
+        )
+    return config
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file or a ``.pt`` state dict (``weights_only`` load)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code: EDM snapshots, whole modules
+        raise ValueError(
+            f"'{path}' is not a plain state dict of tensors ({type(e).__name__}): save "
+            "model.state_dict() with torch.save, or extract EDM snapshots as cm.io describes."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"'{path}' is not a flat state dict of tensors: save model.state_dict() itself."
+        )
+    return state
+
+
+def load_denoiser(
+    path: str | Path,
+    denoiser: nn.Module | dict[str, Any] | str | Path | None = None,
+    format: Format = "auto",
+    ema: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Any supported denoiser file as a denoiser (eval mode) with its hparams ({} if foreign).
+
+    Args:
+        path: an exported directory, a ``cm fit`` ``.ckpt``, or a foreign ``.pt``/
+            ``.safetensors`` state dict.
+        denoiser: for foreign formats, the architecture to load into: a module, a
+            ``class_path``/``init_args`` dict, or a YAML/JSON file holding one. Ignored for cm.
+        format: ``cm`` (export or ``.ckpt``); ``openai`` (consistency_models, and
+            guided-diffusion trained with ``--use_new_attention_order True``); ``openai_legacy``
+            (guided-diffusion's default legacy attention: its 128 and 256 px models); ``edm``
+            (EDM ``SongUNet`` into ``NCSNpp``); ``auto``: cm for a directory or ``.ckpt``.
+        ema: use the EMA weights of a ``.ckpt``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"'{path}' does not exist: expected an exported denoiser directory ({WEIGHTS} + "
+            f"{CONFIG}), a .ckpt written by cm fit, or a .pt/.safetensors state dict"
+            f"{_published(path, format)}."
+        )
+    if format == "auto":
+        if not (path.is_dir() or path.suffix == ".ckpt"):
+            raise ValueError(
+                f"Cannot tell the format of '{path}': pass format openai, openai_legacy or edm "
+                "(with the denoiser architecture) for a published checkpoint."
+            )
+        format = "cm"
+    if format == "cm":
+        return load_any(path, ema)
+    if denoiser is None:
+        raise ValueError(
+            f"Loading '{path}' as format {format!r} needs the denoiser architecture: pass a "
+            "denoiser config (cm sample --denoiser FILE.yaml), e.g. configs/teachers/*.yaml."
+        )
+    config = None
+    if not isinstance(denoiser, nn.Module):
+        config = denoiser if isinstance(denoiser, dict) else read_config(denoiser)
+        denoiser = build(config)
+    net = network_of(denoiser)
+    net.load_state_dict(_convert(read_state_dict(path), net, format))
+    return denoiser.eval(), ({"denoiser": config} if config else {})
+
+
+def _convert(state: dict[str, Tensor], net: nn.Module, format: Format) -> dict[str, Tensor]:
+    """Remap a foreign ``state`` onto ``net`` by the key map of ``format`` (``cm.convert``)."""
+    match format:
+        case "openai" | "openai_legacy" if isinstance(net, ADMUNet):
+            order = "heads_first" if format == "openai_legacy" else "qkv_first"
+            return convert_openai(state, net, order)
+        case "edm" if isinstance(net, NCSNpp):
+            return convert_edm(state, net)
+        case _:
+            wanted = "cm.networks.NCSNpp" if format == "edm" else "cm.networks.ADMUNet"
+            raise ValueError(
+                f"Format {format!r} loads into {wanted}, but the denoiser's network is a "
+                f"{type(net).__name__}: fix the denoiser config or the format."
+            )
+
+
+class PretrainedDenoiser(nn.Module):
+    """A frozen eval-mode teacher from disk (Song et al. 2023, CD; Salimans & Ho 2022, PD).
+
+    The loaded module is held outside ``_modules``, so it is invisible to ``state_dict()``,
+    ``parameters()``, DDP and the EMA: a teacher never goes into training checkpoints, and
+    resuming rebuilds it from ``path``. ``_apply`` still moves it (``.to(device)``, ``.cuda()``,
+    dtype casts), ``train()`` keeps it in eval mode, and other attributes (``net``, ``sigmas``,
+    ``predict``, ``learned_variance``, ...) fall through to it.
+
+    Args:
+        path: an exported directory, a ``cm fit`` ``.ckpt``, or a foreign checkpoint file.
+        denoiser: the architecture for ``openai``/``openai_legacy``/``edm`` files (in YAML a
+            ``class_path``/``init_args`` object, e.g. ``configs/teachers/*.yaml``).
+        format: see ``load_denoiser``; ``auto`` handles directories and ``.ckpt`` files.
+        ema: use the EMA weights of a ``.ckpt``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        denoiser: nn.Module | None = None,
+        format: Format = "auto",
+        ema: bool = True,
+    ) -> None:
+        super().__init__()
+        self.path, self.format, self.ema = str(path), format, ema
+        module, _ = load_denoiser(path, denoiser, format, ema)
+        # A plain list: nn.Module does not register what it holds.
+        self._held = [module.requires_grad_(False).eval()]
+        super().train(False)
+
+    @property
+    def module(self) -> nn.Module:
+        """The loaded denoiser."""
+        return self._held[0]
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        """``D(x; sigma)`` of the loaded denoiser."""
+        return self._held[0](x, sigma, labels)
+
+    def train(self, mode: bool = True) -> "PretrainedDenoiser":
+        """Stay in eval mode whatever ``mode`` (dropout off, as the teacher was sampled)."""
+        self._held[0].eval()
+        return super().train(False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "PretrainedDenoiser":
+        self._held[0]._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            held = self.__dict__.get("_held")
+            if not held or name.startswith("__"):
+                raise
+            return getattr(held[0], name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PretrainedDenoiser":
+        # A copy (e.g. of an objective) shares the frozen teacher instead of duplicating it.
+        new = type(self).__new__(type(self))
+        nn.Module.__init__(new)
+        new.path, new.format, new.ema, new._held = self.path, self.format, self.ema, self._held
+        new.training = False
+        return new
+
+    def extra_repr(self) -> str:
+        """Where the teacher came from."""
+        return f"path={self.path!r}, format={self.format!r}, ema={self.ema}"
