@@ -11,9 +11,12 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
+from cm.io import Format
+
 EXTRA_COMMANDS = """extra subcommands:
   sample   generate images from a checkpoint or exported denoiser (cm sample --help)
   export   write a bare denoiser (safetensors + config.json) from a checkpoint (cm export --help)
+  data     inspect a dataset on disk: image count, shape, labels, preview grid (cm data --help)
 """
 
 
@@ -46,7 +49,8 @@ def sample_parser() -> ArgumentParser:
         "--ckpt_path",
         type=str,
         required=True,
-        help="A .ckpt from cm fit, or an exported denoiser directory.",
+        help="A .ckpt from cm fit, an exported denoiser directory, or a published "
+        ".pt/.safetensors state dict (with --format and --denoiser).",
     )
     p.add_argument(
         "--num", type=int, default=256, help="Number of images (seeds seed..seed+num-1)."
@@ -82,18 +86,33 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
     p.add_argument("--out", type=str, default="samples.npz", help="Output .npz (arr_0 NHWC).")
     p.add_argument("--grid", type=str | None, default=None, help="Also write a PNG grid here.")
+    p.add_argument(
+        "--format",
+        type=Format,
+        default="auto",
+        help="Checkpoint layout: cm (export dir or .ckpt; what auto picks), openai "
+        "(consistency_models, guided-diffusion 64x64), openai_legacy (guided-diffusion 128/256), "
+        "edm (state dict extracted from an EDM snapshot).",
+    )
+    p.add_argument(
+        "--denoiser",
+        type=str | None,
+        default=None,
+        help="YAML/JSON file with the denoiser class_path/init_args for openai/edm checkpoints, "
+        "e.g. configs/teachers/openai_edm_imagenet64.yaml.",
+    )
     return p
 
 
 def sample_main(args: Sequence[str]) -> Path:
     """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
-    from cm.io import load_any, save_grid, save_npz, to_uint8
+    from cm.io import load_denoiser, save_grid, save_npz, to_uint8
 
     cfg = sample_parser().parse_args(list(args))
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    denoiser, hparams = load_any(cfg.ckpt_path, cfg.ema)
+    denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
     denoiser = denoiser.to(device)
     sampler = _sampler_from(hparams.get("sampler"))
     if cfg.solver is not None:
@@ -174,6 +193,10 @@ def main(args: Sequence[str] | None = None) -> None:
             sample_main(argv[1:])
         case ["export"]:
             export_main(argv[1:])
+        case ["data"]:
+            from cm.data.inspect import data_main
+
+            data_main(argv[1:])
         case _:
             # LightningCLI reads sys.argv itself; passing it again triggers a warning.
             lightning_main(None if args is None else argv)
