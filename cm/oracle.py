@@ -101,6 +101,32 @@ class GaussianMixture(nn.Module):
         return (m + (x.to(torch.float64) - m) * scale).to(x.dtype)
 
 
+class RandomGaussianMixture(GaussianMixture):
+    """Karras et al. 2022, Eq. 2-3: the exact denoiser of ``dataset: mixture``, built from YAML.
+
+    Equal to ``cm.data.MixtureDataset(...).mixture`` (and ``ImageDataModule("mixture", ...)``) for
+    the same arguments; it conditions on one-hot component labels like ``GaussianMixture``.
+
+    Args:
+        num_components: mixture components K (the classes of the data).
+        resolution: image height and width.
+        channels: image channels.
+        std: standard deviation of every component.
+        seed: fixes the means (uniform in [-0.8, 0.8]).
+    """
+
+    def __init__(
+        self,
+        num_components: int = 10,
+        resolution: int = 8,
+        channels: int = 1,
+        std: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        gm = GaussianMixture.random(num_components, (channels, resolution, resolution), std, seed)
+        super().__init__(gm.means, gm.stds, gm.weights)
+
+
 class PointSetDenoiser(nn.Module):
     """EDM's ideal denoiser for a finite data set ``{y_i}`` (Karras et al. 2022, Eq. 57).
 

@@ -1,5 +1,6 @@
 """The objective interface: ``objective(denoiser, x0, labels, step, total_steps) -> loss[N]``."""
 
+import torch
 from torch import Tensor, nn
 
 
@@ -31,3 +32,22 @@ class Objective(nn.Module):
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging from the last call (e.g. the current N(k))."""
         return {}
+
+
+@torch.no_grad()
+def copy_net_weights(student: nn.Module, teacher: nn.Module) -> None:
+    """Initialise ``student``'s raw network from ``teacher``'s (CD: Song et al. 2023, Sec. 6; PD).
+
+    Preconditioners may differ (EDM teacher, consistency student); the networks behind them must
+    have the same architecture, or this raises one error saying so.
+    """
+    s_net, t_net = getattr(student, "net", student), getattr(teacher, "net", teacher)
+    s_state, t_state = s_net.state_dict(), t_net.state_dict()
+    mismatch = [k for k in s_state if k not in t_state or t_state[k].shape != s_state[k].shape]
+    if mismatch or len(s_state) != len(t_state):
+        raise ValueError(
+            f"Cannot initialise the student from the teacher: their networks differ (e.g. at "
+            f"'{(mismatch or sorted(set(t_state) - set(s_state)))[0]}'); give the student the "
+            "teacher's network config or set init_from_teacher to false."
+        )
+    s_net.load_state_dict(t_state)

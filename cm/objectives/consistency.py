@@ -1,4 +1,9 @@
-"""Consistency training: CT (Song et al. 2023, Alg. 3) and improved CT (Song & Dhariwal 2023)."""
+"""Consistency training: CT (Song et al. 2023, Alg. 3) and improved CT (Song & Dhariwal 2023).
+
+``ConsistencyObjective`` holds what CT and CD (``cm.objectives.distillation``) share: the
+boundaries ``t_1 < ... < t_N``, the index sampling, the weighting ``lambda``, the online/target pair
+of calls with one dropout mask, and the target network theta- with its EMA update.
+"""
 
 import copy
 from typing import Literal
@@ -18,7 +23,148 @@ from cm.schedules import (
 )
 
 
-class ConsistencyTraining(Objective):
+def _col(v: Tensor, x: Tensor) -> Tensor:
+    """``[N]`` per-sample times as ``[N, 1, 1, 1]`` in ``x``'s dtype."""
+    return v.view(-1, 1, 1, 1).to(x.dtype)
+
+
+class ConsistencyObjective(Objective):
+    """Song et al. 2023, Eq. 7/10: ``lambda(t_n) d(f_theta(x_{t_{n+1}}), f_theta-(x_{t_n}))``.
+
+    Subclasses give N(k) (``num_scales``), mu(k) (``ema_decay``) and the target input ``x_{t_n}``
+    (``target_input``: CT's closed-form Euler step with ``D = x0``, CD's teacher ODE step).
+    A target copy theta- exists when mu > 0 at step 0; with mu = 0 the target is the
+    stop-gradient online network. Both network calls share one dropout mask, as in
+    openai/consistency_models.
+
+    Args:
+        distance: ``d(x, y) -> [N]``, e.g. ``PseudoHuber``, ``SquaredL2``, ``L1``, ``LPIPS``.
+        weighting: ``"uniform"`` (lambda = 1) or ``"icm"`` (lambda = 1 / (t_{n+1} - t_n)).
+        index_sampling: ``"uniform"`` n ~ U{1..N-1} or iCT's ``"lognormal"``.
+        p_mean: lognormal index sampling mean of ``ln(sigma)``.
+        p_std: lognormal index sampling std of ``ln(sigma)``.
+        sigma_min: the boundary ``epsilon``.
+        sigma_max: the largest time ``T``.
+        rho: Karras discretisation exponent.
+        total_steps: K of a curriculum; None ties it to ``trainer.max_steps``.
+    """
+
+    def __init__(
+        self,
+        distance: nn.Module | None = None,
+        weighting: Literal["uniform", "icm"] = "uniform",
+        index_sampling: Literal["uniform", "lognormal"] = "uniform",
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.distance = distance if distance is not None else PseudoHuber()
+        self.weighting, self.index_sampling = weighting, index_sampling
+        self.p_mean, self.p_std = p_mean, p_std
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.total_steps = total_steps
+        self.target: nn.Module | None = None
+        self._last: dict[str, float] = {}
+
+    def num_scales(self, step: int, total_steps: int) -> int:
+        """N(k), the number of boundaries at training step ``step``."""
+        raise NotImplementedError
+
+    def ema_decay(self, step: int, total_steps: int) -> float:
+        """mu(k) of the target network; 0 means theta- = stop-grad(theta)."""
+        raise NotImplementedError
+
+    def target_input(
+        self,
+        x0: Tensor,
+        z: Tensor,
+        x_next: Tensor,
+        t_cur: Tensor,
+        t_next: Tensor,
+        labels: Tensor | None,
+    ) -> Tensor:
+        """``x_{t_n}`` from ``x_{t_{n+1}} = x0 + t_{n+1} z`` (``t`` are float64 ``[N]``)."""
+        raise NotImplementedError
+
+    def bind(self, denoiser: nn.Module) -> None:
+        """Create the target network theta- as a frozen copy when mu > 0."""
+        if self.ema_decay(0, 1) > 0 and self.target is None:
+            self.target = copy.deepcopy(denoiser).requires_grad_(False)
+
+    def boundaries(self, num_scales: int, device: torch.device | str | None = None) -> Tensor:
+        """Song et al. 2023, Sec. 5: increasing float64 ``t_1 = epsilon < ... < t_N = T``."""
+        return ct_boundaries(num_scales, self.sigma_min, self.sigma_max, self.rho).to(device)
+
+    def sample_indices(self, t: Tensor, n: int) -> Tensor:
+        """Interval indices ``i`` in ``[0, N-2]`` (pairs ``t_i < t_{i+1}``), ``[n]``."""
+        match self.index_sampling:
+            case "uniform":
+                return torch.randint(0, len(t) - 1, (n,), device=t.device)
+            case "lognormal":
+                probs = lognormal_index_probs(t, self.p_mean, self.p_std).to(t.device)
+                return torch.multinomial(probs, n, replacement=True)
+
+    def weight(self, t_cur: Tensor, t_next: Tensor) -> Tensor:
+        """lambda(t_n): 1 (Song et al. 2023) or 1 / (t_{n+1} - t_n) (Song & Dhariwal 2023)."""
+        match self.weighting:
+            case "uniform":
+                return torch.ones_like(t_cur)
+            case "icm":
+                return 1 / (t_next - t_cur)
+
+    def online_and_target(
+        self,
+        denoiser: nn.Module,
+        x_next: Tensor,
+        t_next: Tensor,
+        x_cur: Tensor,
+        t_cur: Tensor,
+        labels: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """``f_theta(x_{t_{n+1}}, t_{n+1})`` and no-grad ``f_theta-(x_{t_n}, t_n)``, one mask."""
+        devices = [x_next.device] if x_next.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            f_next = denoiser(x_next, t_next.to(x_next.dtype), labels)
+        # fork_rng restored the state: the target call below draws the same dropout mask.
+        target_net = self.target if self.target is not None else denoiser
+        with torch.no_grad():
+            f_cur = target_net(x_cur, t_cur.to(x_next.dtype), labels)
+        return f_next, f_cur.detach()
+
+    def forward(
+        self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
+    ) -> Tensor:
+        """Per-sample consistency loss ``[N]`` at curriculum step ``step`` of ``total_steps``."""
+        total = self.total_steps or total_steps
+        t = self.boundaries(self.num_scales(step, total), x0.device)
+        i = self.sample_indices(t, x0.shape[0])
+        t_cur, t_next = t[i], t[i + 1]  # float64 [N]
+        weight = self.weight(t_cur, t_next)
+        z = torch.randn_like(x0)
+        x_next = x0 + _col(t_next, x0) * z
+        x_cur = self.target_input(x0, z, x_next, t_cur, t_next, labels)
+        f_next, f_cur = self.online_and_target(denoiser, x_next, t_next, x_cur, t_cur, labels)
+        self._last = {"num_scales": float(len(t)), "target_ema": self.ema_decay(step, total)}
+        return weight.to(x0.dtype) * self.distance(f_next, f_cur)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, denoiser: nn.Module, step: int, total_steps: int) -> None:
+        """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Song et al. 2023, Alg. 2-3)."""
+        if self.target is None:
+            return
+        mu = self.ema_decay(step, self.total_steps or total_steps)
+        lerp_(self.target, denoiser, 1 - mu)
+
+    def metrics(self) -> dict[str, float]:
+        """The current N(k) and mu(k)."""
+        return dict(self._last)
+
+
+class ConsistencyTraining(ConsistencyObjective):
     """Song et al. 2023, Alg. 3 (CT) and Song & Dhariwal 2023 (iCT) in one objective.
 
     ``loss = lambda(t_n) d(f_theta(x0 + t_{n+1} z, t_{n+1}), f_theta-(x0 + t_n z, t_n))``. The
@@ -66,21 +212,11 @@ class ConsistencyTraining(Objective):
         rho: float = 7.0,
         openai_compat: bool = False,
     ) -> None:
-        super().__init__()
-        self.distance = distance if distance is not None else PseudoHuber()
-        self.curriculum, self.s0, self.s1 = curriculum, s0, s1
-        self.total_steps, self.mu0 = total_steps, mu0
-        self.weighting, self.index_sampling = weighting, index_sampling
-        self.p_mean, self.p_std = p_mean, p_std
+        super().__init__(distance, weighting, index_sampling, p_mean, p_std)
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.total_steps = total_steps
+        self.curriculum, self.s0, self.s1, self.mu0 = curriculum, s0, s1, mu0
         self.openai_compat = openai_compat
-        self.target: nn.Module | None = None
-        self._last: dict[str, float] = {}
-
-    def bind(self, denoiser: nn.Module) -> None:
-        """Create the target network theta- as a frozen copy when ``mu0 > 0``."""
-        if self.mu0 > 0 and self.target is None:
-            self.target = copy.deepcopy(denoiser).requires_grad_(False)
 
     def num_scales(self, step: int, total_steps: int) -> int:
         """N(k): CT's square-root or iCT's exponential curriculum."""
@@ -96,47 +232,14 @@ class ConsistencyTraining(Objective):
             return self.mu0
         return ct_ema_decay(step, total_steps, self.s0, self.s1, self.mu0, self.openai_compat)
 
-    def sample_indices(self, t: Tensor, n: int) -> Tensor:
-        """Interval indices ``i`` in ``[0, N-2]`` (pairs ``t_i < t_{i+1}``), ``[n]``."""
-        match self.index_sampling:
-            case "uniform":
-                return torch.randint(0, len(t) - 1, (n,), device=t.device)
-            case "lognormal":
-                probs = lognormal_index_probs(t, self.p_mean, self.p_std).to(t.device)
-                return torch.multinomial(probs, n, replacement=True)
-
-    def forward(
-        self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
+    def target_input(
+        self,
+        x0: Tensor,
+        z: Tensor,
+        x_next: Tensor,
+        t_cur: Tensor,
+        t_next: Tensor,
+        labels: Tensor | None,
     ) -> Tensor:
-        """Per-sample consistency loss ``[N]`` at curriculum step ``step`` of ``total_steps``."""
-        total = self.total_steps or total_steps
-        t = ct_boundaries(self.num_scales(step, total), self.sigma_min, self.sigma_max, self.rho)
-        t = t.to(x0.device)
-        i = self.sample_indices(t, x0.shape[0])
-        t_cur, t_next = t[i], t[i + 1]  # float64 [N]
-        weight = 1 / (t_next - t_cur) if self.weighting == "icm" else torch.ones_like(t_cur)
-        z = torch.randn_like(x0)
-        x_next = x0 + t_next.view(-1, 1, 1, 1).to(x0.dtype) * z
-        x_cur = x0 + t_cur.view(-1, 1, 1, 1).to(x0.dtype) * z  # Euler step with D = x0, exactly
-
-        devices = [x0.device] if x0.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            f_next = denoiser(x_next, t_next.to(x0.dtype), labels)
-        # fork_rng restored the state: the target call below draws the same dropout mask.
-        target_net = self.target if self.target is not None else denoiser
-        with torch.no_grad():
-            f_cur = target_net(x_cur, t_cur.to(x0.dtype), labels)
-        self._last = {"num_scales": float(len(t)), "target_ema": self.ema_decay(step, total)}
-        return weight.to(x0.dtype) * self.distance(f_next, f_cur.detach())
-
-    @torch.no_grad()
-    def after_optimizer_step(self, denoiser: nn.Module, step: int, total_steps: int) -> None:
-        """theta- <- stopgrad(mu theta- + (1 - mu) theta) (Song et al. 2023, Alg. 3)."""
-        if self.target is None:
-            return
-        mu = self.ema_decay(step, self.total_steps or total_steps)
-        lerp_(self.target, denoiser, 1 - mu)
-
-    def metrics(self) -> dict[str, float]:
-        """The current N(k) and mu(k)."""
-        return dict(self._last)
+        """Song et al. 2023, Eq. 9: the Euler step with ``D = x0`` is ``x0 + t_n z``, exactly."""
+        return x0 + _col(t_cur, x0) * z

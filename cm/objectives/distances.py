@@ -3,6 +3,7 @@
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,14 @@ def find_weights(filename: str, url: str) -> Path:
     )
 
 
+def _average_pooling_(module: nn.Module) -> None:
+    """Replace every ``MaxPool2d`` inside ``module`` by an ``AvgPool2d`` of the same window."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+
+
 class LPIPS(nn.Module):
     """Zhang et al. 2018 LPIPS (the ``lpips`` package), CM's distance (Song et al. 2023, Sec. 5).
 
@@ -81,16 +90,28 @@ class LPIPS(nn.Module):
     The VGG16 trunk is read from ``$CM_WEIGHTS`` or the torch hub cache (never downloaded here);
     the calibration heads ship with the ``lpips`` package. Grayscale inputs are repeated to RGB.
 
+    ``pooling="avg"`` replaces the trunk's max-pooling by average pooling of the same size (2x2
+    for VGG), the variant openai/consistency_models trains with (piq's ``LPIPS(replace_pooling=
+    True)`` on ``(x + 1) / 2``). It is otherwise the same function: piq's ImageNet mean/std
+    normalisation of ``[0, 1]`` inputs equals lpips' ``ScalingLayer`` on ``[-1, 1]`` (shift
+    ``2 mean - 1``, scale ``2 std``), both unit-normalise features with eps 1e-10, weight squared
+    differences per channel and average spatially over relu1_2 ... relu5_3. piq downloads its own
+    ``lpips_weights.pt`` heads, documented as the LPIPS v0.1 VGG weights that the ``lpips``
+    package ships; that file was not compared byte for byte here (no network).
+
     Args:
         net: backbone, ``"vgg"`` (CM) or ``"alex"``.
         resize: side to resize to when inputs are smaller than 256 px; 0 disables it.
+        pooling: ``"max"`` (LPIPS as published) or ``"avg"`` (openai/consistency_models).
     """
 
-    def __init__(self, net: str = "vgg", resize: int = 224) -> None:
+    def __init__(
+        self, net: str = "vgg", resize: int = 224, pooling: Literal["max", "avg"] = "max"
+    ) -> None:
         super().__init__()
         import lpips
 
-        self.resize = resize
+        self.resize, self.pooling = resize, pooling
         if net not in LPIPS_TRUNKS:
             raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}.")
         path = find_weights(*LPIPS_TRUNKS[net])
@@ -104,6 +125,11 @@ class LPIPS(nn.Module):
                 raise ValueError(f"'{path}' is not a torchvision {net} checkpoint; re-download it.")
             trunk[key] = state[f"features.{idx}.{param}"]
         self.lpips.net.load_state_dict(trunk)
+        match pooling:
+            case "avg":
+                _average_pooling_(self.lpips.net)
+            case "max":
+                pass
         self.lpips.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "LPIPS":

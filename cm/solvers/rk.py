@@ -1,37 +1,66 @@
-"""Runge-Kutta solvers of the EDM probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma``."""
+"""Runge-Kutta solvers of the EDM probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma``.
 
+The step functions take a noise level as a Python float (samplers: one sigma for the batch) or as
+a ``[N]`` tensor (CD's teacher step, progressive distillation: one sigma per sample).
+"""
+
+import torch
 from torch import Tensor
 
 from cm.protocols import Denoiser
 
 
 def _sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
-    """A scalar noise level as a ``[N]`` float32 tensor for the denoiser."""
+    """A scalar or ``[N]`` noise level as a ``[N]`` tensor in ``x``'s dtype for the denoiser."""
+    if isinstance(sigma, Tensor):
+        return sigma.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
     return x.new_full((x.shape[0],), float(sigma))
 
 
-def to_d(denoiser: Denoiser, x: Tensor, sigma: float, labels: Tensor | None) -> Tensor:
+def _col(v: Tensor | float, x: Tensor) -> Tensor | float:
+    """A float unchanged, a ``[N]`` tensor as ``[N, 1, 1, 1]`` in ``x``'s dtype (broadcasts)."""
+    if isinstance(v, Tensor):
+        return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return v
+
+
+def to_d(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, labels: Tensor | None) -> Tensor:
     """Karras et al. 2022, Eq. 3: the ODE slope ``d = (x - D(x; sigma)) / sigma``."""
-    return (x - denoiser(x, _sigma(sigma, x), labels)) / sigma
+    return (x - denoiser(x, _sigma(sigma, x), labels)) / _col(sigma, x)
 
 
 def euler_step(
-    denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, labels: Tensor | None = None
+    denoiser: Denoiser,
+    x: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Karras et al. 2022, Alg. 1 line 5: ``x + (sigma_next - sigma) d(x; sigma)``."""
-    return x + (sigma_next - sigma) * to_d(denoiser, x, sigma, labels)
+    return x + _col(sigma_next - sigma, x) * to_d(denoiser, x, sigma, labels)
 
 
 def heun_step(
-    denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, labels: Tensor | None = None
+    denoiser: Denoiser,
+    x: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    labels: Tensor | None = None,
 ) -> Tensor:
-    """Karras et al. 2022, Alg. 1 lines 5-8: Heun's step; Euler when ``sigma_next == 0``."""
+    """Karras et al. 2022, Alg. 1 lines 5-8: Heun's step; Euler where ``sigma_next == 0``."""
     d = to_d(denoiser, x, sigma, labels)
-    x_next = x + (sigma_next - sigma) * d
-    if sigma_next == 0:
+    h = _col(sigma_next - sigma, x)
+    x_next = x + h * d
+    if not isinstance(sigma_next, Tensor):
+        if sigma_next == 0:
+            return x_next
+        return x + h * (d + to_d(denoiser, x_next, sigma_next, labels)) / 2
+    last = sigma_next == 0  # [N]
+    if bool(last.all()):
         return x_next
-    d_next = to_d(denoiser, x_next, sigma_next, labels)
-    return x + (sigma_next - sigma) * (d + d_next) / 2
+    # Samples that reach 0 keep their Euler step; a dummy sigma of 1 avoids dividing by 0.
+    d_next = to_d(denoiser, x_next, torch.where(last, 1.0, sigma_next), labels)
+    return torch.where(_col(last, x) > 0, x_next, x + h * (d + d_next) / 2)
 
 
 def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
