@@ -1,18 +1,24 @@
 """Training objectives ``objective(denoiser, x0, labels, step, total_steps) -> loss[N]``."""
 
-from cm.objectives.base import Objective
-from cm.objectives.consistency import ConsistencyTraining
+from cm.objectives.base import Objective, copy_net_weights
+from cm.objectives.consistency import ConsistencyObjective, ConsistencyTraining
 from cm.objectives.ddpm import DDPMLoss
 from cm.objectives.denoising import DenoisingScoreMatching
 from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
+from cm.objectives.distillation import ConsistencyDistillation
+from cm.objectives.progressive import ProgressiveDistillation
 
 __all__ = [
     "L1",
     "LPIPS",
+    "ConsistencyDistillation",
+    "ConsistencyObjective",
     "ConsistencyTraining",
     "DDPMLoss",
     "DenoisingScoreMatching",
     "Objective",
+    "ProgressiveDistillation",
     "PseudoHuber",
     "SquaredL2",
+    "copy_net_weights",
 ]
