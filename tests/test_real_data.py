@@ -15,6 +15,7 @@ from cm.cli import main
 from cm.data import CIFAR10Dataset, ImageNet64Dataset, LSUNDataset, center_crop_arr
 from cm.data import real as real_module
 from cm.data.inspect import detect_dataset
+from cm.data.real import imagenet64_class_index
 from cm.training.datamodule import ImageDataModule
 
 QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
@@ -154,8 +155,9 @@ def test_imagenet64_label_shift_pixel_order_and_cache(tmp_path):
         assert torch.equal(
             ((x.permute(1, 2, 0) + 1) * 127.5).round().byte(), torch.from_numpy(hwc[i])
         )
-        assert y.shape == (1000,) and y.argmax() == labels[i] - 1  # 1-based in the files
-    assert ds[0][1].argmax() == 0 and ds[1][1].argmax() == 999
+        assert y.shape == (1000,) and y.argmax() == imagenet64_class_index()[labels[i] - 1]
+    # file labels 1 and 1000 (kit fox, n02119789; dumbbell, n03255030) in sorted-wnid order
+    assert ds[0][1].argmax() == 278 and ds[1][1].argmax() == 543
     assert sorted(p.name for p in cache.iterdir()) == [
         "imagenet64_train_images.npy",
         "imagenet64_train_labels.npy",
@@ -334,3 +336,10 @@ def test_fit_two_steps_on_cifar10(tmp_path):
     samples = np.load(next((tmp_path / "run").glob("**/samples/samples.npz")))["arr_0"]
     assert samples.shape == (12, 32, 32, 3)
     assert next((tmp_path / "run").glob("**/checkpoints/*.ckpt")).is_file()
+
+
+def test_imagenet64_classes_follow_sorted_wordnet_ids():
+    index = imagenet64_class_index()
+    assert sorted(index.tolist()) == list(range(1000))  # a permutation
+    # label 1 is n02119789 (kit fox, sorted class 278); label 2 n02100735 (English setter, 212)
+    assert index[0] == 278 and index[1] == 212

@@ -180,7 +180,8 @@ class ImageNet64Dataset(_ArrayImageDataset):
 
     The official ``.npz`` batches (``data`` uint8 ``[N, 12288]`` in CHW order, ``labels``
     1-based) are converted once into ``imagenet64_{split}_images.npy`` (uint8 ``[N, 3, 64, 64]``)
-    and ``imagenet64_{split}_labels.npy`` (0-based) in ``cache_dir``, then memory-mapped so that
+    and ``imagenet64_{split}_labels.npy`` (0-based, relabelled by sorted WordNet id as OpenAI's and
+    EDM's models expect, ``imagenet64_class_index``) in ``cache_dir``, then memory-mapped so that
     DataLoader workers and DDP ranks share the pages instead of each holding 15.7 GB.
 
     Args:
@@ -282,12 +283,25 @@ def _npz_array(file: Path, key: str) -> np.ndarray:
         ) from None
 
 
+def imagenet64_class_index() -> np.ndarray:
+    """``index[k - 1]``: the class of downsampled-ImageNet label ``k`` in sorted-WordNet-id order.
+
+    The npz batches number classes 1..1000 in the ILSVRC devkit's ``map_clsloc.txt`` order;
+    OpenAI's and EDM's ImageNet-64 models (and torchvision's ImageFolder) use sorted WordNet ids,
+    so published class-conditional teachers need this relabelling.
+    """
+    text = Path(__file__).with_name("imagenet64_wnids.txt").read_text()
+    wnids = [line for line in text.splitlines() if line and not line.startswith("#")]
+    rank = {wnid: i for i, wnid in enumerate(sorted(wnids))}
+    return np.array([rank[w] for w in wnids], dtype=np.int64)
+
+
 def _imagenet64_labels(file: Path) -> np.ndarray:
-    """0-based class indices ``[N]`` of one batch (the files number classes 1..1000)."""
+    """Class indices ``[N]`` of one batch in sorted-WordNet-id order (files number 1..1000)."""
     labels = _npz_array(file, "labels").astype(np.int64) - 1
     if labels.ndim != 1 or labels.min(initial=0) < 0 or labels.max(initial=0) > 999:
         raise ValueError(f"'{file}' has labels outside 1..1000: re-download it.")
-    return labels
+    return imagenet64_class_index()[labels]
 
 
 def _imagenet64_pixels(file: Path) -> np.ndarray:
