@@ -233,3 +233,43 @@ def test_module_built_in_python_checkpoints_weights_only(tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 2
     assert any(k.startswith("ema_denoiser.") for k in state["state_dict"])
+
+
+def test_objective_noise_differs_per_rank_and_micro_batch():
+    from types import SimpleNamespace
+
+    from cm.networks import ADMUNet
+    from cm.objectives import DenoisingScoreMatching
+    from cm.precond import EDMPrecond
+    from cm.training import DenoiserModule
+
+    net = ADMUNet(8, 1, 1, 0, 16, (1,), 1, (), num_head_channels=16)
+    module = DenoiserModule(EDMPrecond(net), DenoisingScoreMatching())
+
+    def draw(step: int, rank: int, batch_idx: int) -> torch.Tensor:
+        module._trainer = SimpleNamespace(
+            global_step=step, global_rank=rank, accumulate_grad_batches=2
+        )
+        module.on_train_batch_start(None, batch_idx)
+        return torch.randn(4)
+
+    try:
+        assert torch.equal(draw(3, 0, 6), draw(3, 0, 6))  # a resumed step redraws its noise
+        assert not torch.equal(draw(3, 0, 6), draw(3, 1, 6))  # ranks draw their own noise
+        assert not torch.equal(draw(3, 0, 6), draw(3, 0, 7))  # so do accumulated micro-batches
+        assert not torch.equal(draw(3, 0, 6), draw(4, 0, 8))
+    finally:
+        module._trainer = None
+
+
+def test_two_process_ddp_fit(tmp_path):
+    root = fit(
+        tmp_path / "ddp",
+        2,
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp_spawn",
+    )
+    ckpt = torch.load(last_ckpt(root), weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert next(root.glob("**/samples/samples.npz")).is_file()

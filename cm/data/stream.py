@@ -7,6 +7,15 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 
+def step_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys, e.g. ``(seed, step, rank)``: the same keys, the same seed.
+
+    Python hashes tuples of ints deterministically (no per-process salt), so every process and
+    every resumed run derives the same value.
+    """
+    return hash(tuple(int(k) for k in keys)) & 0xFFFFFFFF
+
+
 class StepStream(IterableDataset):
     """Yield the samples of micro-batch ``k = start_step, start_step + 1, ...`` for one rank.
 
@@ -61,6 +70,6 @@ class StepStream(IterableDataset):
             # Augmentations draw from a generator seeded by (seed, step, rank); the batch is
             # materialised inside the fork so the caller's RNG stream is untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, step, self.rank)) & 0xFFFFFFFF)
+                torch.manual_seed(step_seed(self.seed, step, self.rank))
                 samples = [self.dataset[index] for index in self.indices(step)]
             yield from samples

@@ -30,8 +30,13 @@ class SampleGrid(L.Callback):
 
     @staticmethod
     def directory(trainer: L.Trainer) -> Path:
-        """``<log_dir>/samples`` (falls back to ``default_root_dir``)."""
+        """``<log_dir>/samples`` (falls back to ``default_root_dir``); call it on every rank."""
+        # trainer.log_dir broadcasts from rank 0 under DDP: a rank-0-only call would hang.
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve the samples directory while every rank is here (see ``directory``)."""
+        self._dir = self.directory(trainer)
 
     def _generate(self, module: L.LightningModule, num: int):
         """uint8 NHWC images and class indices for seeds ``0 .. num-1``."""
@@ -41,7 +46,7 @@ class SampleGrid(L.Callback):
     def write_grid(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> Path:
         """Generate, save and log one grid; returns its path."""
         images, _ = self._generate(module, self.num)
-        path = save_grid(images, self.directory(trainer) / f"{name}.png", nrow=10)
+        path = save_grid(images, self._dir / f"{name}.png", nrow=10)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
@@ -66,5 +71,5 @@ class SampleGrid(L.Callback):
         rank_zero_info(f"Sample grid: {grid}")
         if self.final_num:
             images, labels = self._generate(pl_module, self.final_num)
-            npz = save_npz(images, self.directory(trainer) / "samples.npz", labels)
+            npz = save_npz(images, self._dir / "samples.npz", labels)
             rank_zero_info(f"Samples ({len(images)} images, arr_0 uint8 NHWC): {npz}")

@@ -1,6 +1,7 @@
 """``DenoiserModule``: one LightningModule for every single-optimizer regime (EDM, CT, iCT, ...)."""
 
 import copy
+import os
 from collections.abc import Sequence
 
 import lightning as L
@@ -9,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from cm.data.stream import step_seed
 from cm.ema import EMA
 from cm.objectives.base import Objective
 from cm.solvers.sampling import Sampler
@@ -187,20 +189,19 @@ class DenoiserModule(L.LightningModule):
 
         return to_uint8(self.generate(batch.tolist())[0])
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store the RNG states so a resumed run draws the same noise."""
-        checkpoint["cm_rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["cm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    def on_train_batch_start(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        """Seed the global RNG from ``(run seed, micro-batch, rank)`` before the objective draws.
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the RNG states saved by ``on_save_checkpoint``."""
-        rng = checkpoint.get("cm_rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        Every rank draws its own noise, sigmas and dropout masks (a shared ``seed_everything``
+        would give all ranks the same ones, shrinking the effective batch of noise draws), and
+        micro-batch ``k`` of a resumed run draws exactly what it drew in the original run, with no
+        RNG state in the checkpoint. The trailing 1 keeps this stream apart from the data
+        stream's augmentation seeds (``StepStream``), which use the same keys.
+        """
+        accumulate = self.trainer.accumulate_grad_batches
+        micro = self.global_step * accumulate + batch_idx % accumulate
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(step_seed(seed, micro, self.global_rank, 1))
 
 
 _NET_KEYS = {"resolution": "img_resolution", "channels": "in_channels", "label_dim": "label_dim"}
