@@ -190,6 +190,11 @@ def test_lpips_avg_pooling_matches_piq_recipe(tmp_path, monkeypatch):
             for a, b, w in zip(features(x), features(y), heads, strict=True)
         )
     assert torch.allclose(d_avg(x, y), ref, rtol=1e-4, atol=1e-6)
+    # bf16 autocast (the paper configs' precision) must not reach the metric network
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = d_avg(x.bfloat16(), y.bfloat16())
+    assert in_bf16.dtype == torch.float32
+    assert torch.equal(in_bf16, d_avg(x.bfloat16().float(), y.bfloat16().float()))
 
 
 def _fit(config: str, root: Path, steps: int, *extra: str) -> Path:

@@ -139,10 +139,15 @@ class LPIPS(nn.Module):
         return self
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """LPIPS per sample, ``[N]``."""
-        if x.shape[1] == 1:
-            x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
-        if self.resize and x.shape[-1] < 256:
-            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
-            y = F.interpolate(y, size=self.resize, mode="bilinear", align_corners=False)
-        return self.lpips(x, y).flatten(1).mean(1)
+        """LPIPS per sample, ``[N]``, computed in float32 whatever the autocast dtype."""
+        # CT/CD compare two nearly equal images: in bf16 the feature differences that carry the
+        # gradient drown in rounding, so the metric network runs in float32 (as piq does in
+        # openai/consistency_models, which trains in fp16 but evaluates LPIPS in fp32).
+        with torch.autocast(x.device.type, enabled=False):
+            x, y = x.float(), y.float()
+            if x.shape[1] == 1:
+                x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
+            if self.resize and x.shape[-1] < 256:
+                x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+                y = F.interpolate(y, size=self.resize, mode="bilinear", align_corners=False)
+            return self.lpips(x, y).flatten(1).mean(1)
