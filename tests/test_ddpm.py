@@ -228,3 +228,32 @@ def test_ddpm_sampler_learned_variance_and_errors():
         DDPMLoss("hybrid").bind(VPPrecond(LinearEps()))
     with pytest.raises(ValueError, match="VPPrecond"):
         DDPMLoss().bind(nn.Identity())
+
+
+def _history_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    obj = DDPMLoss("hybrid", importance_sampling=True, history=2)
+    obj.bind(IDDPMPrecond(LinearEps(learned=True), "linear", 4))
+    obj._update_history(torch.tensor([rank]), torch.tensor([float(rank + 1)]))
+    torch.save((obj.loss_history, obj.history_count), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_importance_history_gathers_all_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_history_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    hist0, count0 = torch.load(tmp_path / "0.pt", weights_only=True)
+    hist1, count1 = torch.load(tmp_path / "1.pt", weights_only=True)
+    assert torch.equal(hist0, hist1) and torch.equal(count0, count1)  # one sampler on all ranks
+    assert count0.tolist() == [1, 1, 0, 0]  # t = 0 from rank 0 and t = 1 from rank 1
+    assert hist0[0, -1] == 1 and hist0[1, -1] == 2

@@ -10,6 +10,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from cm.objectives.base import Objective
@@ -106,7 +107,19 @@ class DDPMLoss(Objective):
 
     @torch.no_grad()
     def _update_history(self, t: Tensor, L_t: Tensor) -> None:
-        """Push the sampled ``L_t`` values into the per-timestep history (oldest dropped)."""
+        """Push the sampled ``L_t`` values of every rank into the history (oldest dropped).
+
+        Under DDP the ``(t, L_t)`` pairs are all-gathered first, as improved-diffusion's
+        ``update_with_local_losses``: every rank keeps the same sampler, built from all losses
+        (DDP's buffer broadcast would otherwise keep only rank 0's).
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = []
+            for v in (t, L_t.to(torch.float64)):
+                parts = [torch.empty_like(v) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, v.contiguous())
+                gathered.append(torch.cat(parts))
+            t, L_t = gathered
         for ti, li in zip(t.tolist(), L_t.tolist(), strict=True):
             row = self.loss_history[ti]
             self.loss_history[ti] = torch.cat([row[1:], row.new_tensor([li])])
