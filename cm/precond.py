@@ -141,6 +141,16 @@ class VPPrecond(nn.Module):
         log_sigma = sigma.to(torch.float64).clamp(min=1e-20).log().reshape(-1, 1)
         return (log_sigma - log_table).abs().argmin(dim=1)
 
+    def round_sigma(self, sigma: Tensor) -> Tensor:
+        """The trained ``sigma_t`` nearest to each ``sigma`` (zeros stay 0), as EDM's iDDPMPrecond.
+
+        Samplers round their grids with it, so that every step of a discrete model is taken
+        between trained noise levels and ``c_in``/``D`` use the sigma the network was trained at.
+        """
+        table = self.sigmas.to(sigma.device, torch.float64)
+        rounded = table[self.timestep(sigma)].to(sigma.dtype).reshape(sigma.shape)
+        return torch.where(sigma > 0, rounded, sigma)
+
     def predict(
         self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:

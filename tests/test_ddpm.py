@@ -117,7 +117,7 @@ def test_ddim_eta1_is_ddpm_posterior():
     it = iter(noises)
     out = ddim(den, x, grid, eta=1.0, noise=lambda _: next(it))
     it = iter(noises)
-    out2 = ddpm(den, x, grid, fixed="small", noise=lambda _: next(it))
+    out2 = ddpm(den, x, grid, fixed="small", noise=lambda _: next(it), clip_denoised=False)
     # sigma_up = s_t / sqrt(abar'): the VP form adds s_t z with the same z.
     ref = _vp_ddim_reference(den, x * (1 / (1 + grid[0] ** 2)).sqrt(), timesteps, 1.0, noises)
     assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9)
@@ -223,7 +223,12 @@ def test_ddpm_sampler_learned_variance_and_errors():
     x = torch.randn(2, 1, 4, 4) * grid[0]
     g = torch.Generator().manual_seed(0)
     out = ddpm(den, x, grid, noise=lambda y: torch.randn(y.shape, generator=g))
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and out.abs().max() <= 1  # x0_hat clipped (Ho et al.)
+    g.manual_seed(0)
+    raw = ddpm(den, x, grid, noise=lambda y: torch.randn(y.shape, generator=g), clip_denoised=False)
+    assert raw.abs().max() > 1  # this fake network overshoots the data range
+    clipped = ddim(den, x, grid, clip_denoised=True)
+    assert clipped.abs().max() <= 1 and not torch.equal(clipped, ddim(den, x, grid))
     with pytest.raises(ValueError, match="IDDPMPrecond"):
         DDPMLoss("hybrid").bind(VPPrecond(LinearEps()))
     with pytest.raises(ValueError, match="VPPrecond"):
@@ -257,3 +262,14 @@ def test_importance_history_gathers_all_ranks(tmp_path):
     assert torch.equal(hist0, hist1) and torch.equal(count0, count1)  # one sampler on all ranks
     assert count0.tolist() == [1, 1, 0, 0]  # t = 0 from rank 0 and t = 1 from rank 1
     assert hist0[0, -1] == 1 and hist0[1, -1] == 2
+
+
+def test_sampler_rounds_grids_of_discrete_models():
+    from cm.solvers import Sampler
+
+    den = VPPrecond(LinearEps(), "linear", 1000)
+    grid = Sampler(num_steps=10, sigma_max=80.0).grid(den)  # a Karras grid, rounded
+    assert grid[-1] == 0 and torch.isin(grid[:-1], den.sigmas).all()
+    table = Sampler(num_steps=50, schedule="vp").grid(den)
+    assert torch.equal(table, vp_timestep_sigmas(den.sigmas, 50))  # trained levels stay put
+    assert torch.equal(Sampler(num_steps=10).grid(None), Sampler(num_steps=10).grid(nn.Identity()))

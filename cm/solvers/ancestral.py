@@ -49,6 +49,15 @@ def posterior_variance(
     return (beta_tilde if fixed == "small" else beta) * scale
 
 
+def clip_x0(denoiser: Denoiser) -> Denoiser:
+    """The denoiser with ``x0_hat`` clamped to the data range [-1, 1] (Ho et al. 2020's sampler).
+
+    Stepping with the clamped ``x0_hat`` is improved-diffusion's ``clip_denoised=True``: its
+    ``eps`` is recomputed from the clipped ``x0``, which is what the EDM-form step does.
+    """
+    return lambda x, sigma, labels=None: denoiser(x, sigma, labels).clamp(-1, 1)
+
+
 def ddim(
     denoiser: Denoiser,
     x: Tensor,
@@ -56,9 +65,14 @@ def ddim(
     labels: Tensor | None = None,
     eta: float = 0.0,
     noise: Noise | None = None,
+    clip_denoised: bool = False,
 ) -> Tensor:
-    """Song et al. 2021a, Eq. 12 in EDM form; ``eta = 0`` is deterministic (Euler), 1 is DDPM."""
+    """Song et al. 2021a, Eq. 12 in EDM form; ``eta = 0`` is deterministic (Euler), 1 is DDPM.
+
+    ``clip_denoised`` clamps ``x0_hat`` to [-1, 1] before each step (off, as DDIM's code).
+    """
     noise = noise or torch.randn_like
+    denoiser = clip_x0(denoiser) if clip_denoised else denoiser
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         if eta == 0:
             x = euler_step(denoiser, x, sigma, sigma_next, labels)
@@ -77,6 +91,7 @@ def ddpm(
     labels: Tensor | None = None,
     fixed: Literal["small", "large"] = "large",
     noise: Noise | None = None,
+    clip_denoised: bool = True,
 ) -> Tensor:
     """Ho et al. 2020, Alg. 2 (and respaced subsequences): ancestral sampling in EDM form.
 
@@ -92,6 +107,8 @@ def ddpm(
         labels: one-hot ``[N, L]`` or None.
         fixed: variance when the denoiser has none: ``"large"`` (beta) or ``"small"`` (beta~).
         noise: ``noise(x)`` draws the standard normal added each step (seeded by the Sampler).
+        clip_denoised: clamp ``x0_hat`` to [-1, 1] before the posterior mean, as Ho et al. 2020
+            and improved-diffusion sample (their FIDs assume it).
     """
     noise = noise or torch.randn_like
     learned = getattr(denoiser, "learned_variance", False)
@@ -102,6 +119,8 @@ def ddpm(
             x0 = x - sigma * eps
         else:
             x0, v = denoiser(x, s, labels), None
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
         if sigma_next == 0:
             return x0
         mean = x0 + (sigma_next / sigma) ** 2 * (x - x0)

@@ -74,7 +74,17 @@ class Sampler:
         self.sigmas, self.schedule = sigmas, schedule
 
     def grid(self, denoiser: Denoiser | None = None) -> Tensor:
-        """The decreasing float64 sigma grid ending in 0 (``"vp"`` reads ``denoiser.sigmas``)."""
+        """The decreasing float64 sigma grid ending in 0 (``"vp"`` reads ``denoiser.sigmas``).
+
+        A discrete denoiser (one with ``round_sigma``, e.g. ``VPPrecond``) gets its grid rounded
+        to trained noise levels, as EDM's samplers do.
+        """
+        sigmas = self._grid(denoiser)
+        round_sigma = getattr(denoiser, "round_sigma", None)
+        return sigmas if round_sigma is None else round_sigma(sigmas)
+
+    def _grid(self, denoiser: Denoiser | None) -> Tensor:
+        """The grid before rounding."""
         if self.sigmas is not None:
             sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
             return sigmas if sigmas[-1] == 0 else torch.cat([sigmas, sigmas.new_zeros(1)])
