@@ -8,8 +8,8 @@ resolutions, BigGAN-style residual up/down-sampling, and zero-initialised output
 Checkpoint layout: parameters are registered in the same order, with the same shapes, as OpenAI's
 ``UNetModel`` (the class embedding is a bias-free ``Linear``, i.e. the transposed
 ``nn.Embedding`` table), and the fused ``qkv`` 1x1 convolution is split ``(3, heads, head_dim)``
-like the flash-attention path of openai/consistency_models, so a published state dict converts by
-zipping the two parameter lists in order.
+like the flash-attention path of openai/consistency_models. ``cm.convert.convert_openai`` maps a
+published state dict onto it by name (and reorders guided-diffusion's legacy attention).
 """
 
 import math

@@ -12,8 +12,8 @@ the decoder.
 
 Checkpoint layout: parameters are registered in the order and with the shapes of EDM's
 ``SongUNet`` without augmentation conditioning (``augment_dim=0``), and the fused ``qkv`` 1x1
-convolution splits its channels as ``(C, 3)`` like it, so such a state dict converts by zipping
-the two parameter lists; the Fourier frequencies are the buffer ``map_noise.freqs``.
+convolution splits its channels as ``(C, 3)`` like it; ``cm.convert.convert_edm`` maps such a
+state dict by name. The Fourier frequencies are the buffer ``map_noise.freqs``.
 """
 
 import math
