@@ -21,11 +21,7 @@ from cm.schedules import (
     ict_num_scales,
     lognormal_index_probs,
 )
-
-
-def _col(v: Tensor, x: Tensor) -> Tensor:
-    """``[N]`` per-sample times as ``[N, 1, 1, 1]`` in ``x``'s dtype."""
-    return v.view(-1, 1, 1, 1).to(x.dtype)
+from cm.solvers.rk import column
 
 
 class ConsistencyObjective(Objective):
@@ -145,7 +141,7 @@ class ConsistencyObjective(Objective):
         t_cur, t_next = t[i], t[i + 1]  # float64 [N]
         weight = self.weight(t_cur, t_next)
         z = torch.randn_like(x0)
-        x_next = x0 + _col(t_next, x0) * z
+        x_next = x0 + column(t_next, x0) * z
         x_cur = self.target_input(x0, z, x_next, t_cur, t_next, labels)
         f_next, f_cur = self.online_and_target(denoiser, x_next, t_next, x_cur, t_cur, labels)
         self._last = {"num_scales": float(len(t)), "target_ema": self.ema_decay(step, total)}
@@ -242,4 +238,4 @@ class ConsistencyTraining(ConsistencyObjective):
         labels: Tensor | None,
     ) -> Tensor:
         """Song et al. 2023, Eq. 9: the Euler step with ``D = x0`` is ``x0 + t_n z``, exactly."""
-        return x0 + _col(t_cur, x0) * z
+        return x0 + column(t_cur, x0) * z

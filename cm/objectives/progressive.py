@@ -16,12 +16,7 @@ from torch import Tensor, nn
 
 from cm.objectives.base import Objective, copy_net_weights
 from cm.schedules import cosine_sigmas
-from cm.solvers.rk import euler_step
-
-
-def _col(v: Tensor, x: Tensor) -> Tensor:
-    """``[N]`` per-sample scalars as ``[N, 1, 1, 1]`` in ``x``'s dtype."""
-    return v.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+from cm.solvers.rk import column, euler_step
 
 
 def pd_target(x: Tensor, x_teacher: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -37,7 +32,7 @@ def pd_target(x: Tensor, x_teacher: Tensor, sigma: Tensor, sigma_next: Tensor) -
         sigma_next: ``[N]`` student-grid next noise levels ``sigma_{i+1} < sigma_i``.
     """
     r = sigma_next.to(torch.float64) / sigma.to(torch.float64)  # [N], in [0, 1)
-    return (x_teacher - _col(r, x) * x) / _col(1 - r, x)
+    return (x_teacher - column(r, x) * x) / column(1 - r, x)
 
 
 class ProgressiveDistillation(Objective):
@@ -139,7 +134,7 @@ class ProgressiveDistillation(Objective):
         i = torch.randint(0, self.student_steps, (n,), device=x0.device)  # student interval
         # student step sigma_i -> sigma_{i+1} is teacher steps 2i -> 2i+1 -> 2i+2; float64 [N]
         sigma, sigma_mid, sigma_next = (teacher_grid[2 * i + k] for k in range(3))
-        x = x0 + _col(sigma, x0) * torch.randn_like(x0)
+        x = x0 + column(sigma, x0) * torch.randn_like(x0)
         x0_tilde = self.target(x, sigma, sigma_mid, sigma_next, labels)
         D_x = denoiser(x, sigma.to(x0.dtype), labels)
         mse = (D_x - x0_tilde.to(D_x.dtype)).pow(2).flatten(1).mean(1)

@@ -17,8 +17,8 @@ def _sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return x.new_full((x.shape[0],), float(sigma))
 
 
-def _col(v: Tensor | float, x: Tensor) -> Tensor | float:
-    """A float unchanged, a ``[N]`` tensor as ``[N, 1, 1, 1]`` in ``x``'s dtype (broadcasts)."""
+def column(v: Tensor | float, x: Tensor) -> Tensor | float:
+    """A float unchanged, a ``[N]`` tensor as ``[N, 1, 1, 1]`` on ``x``'s device and dtype."""
     if isinstance(v, Tensor):
         return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return v
@@ -26,7 +26,7 @@ def _col(v: Tensor | float, x: Tensor) -> Tensor | float:
 
 def to_d(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, labels: Tensor | None) -> Tensor:
     """Karras et al. 2022, Eq. 3: the ODE slope ``d = (x - D(x; sigma)) / sigma``."""
-    return (x - denoiser(x, _sigma(sigma, x), labels)) / _col(sigma, x)
+    return (x - denoiser(x, _sigma(sigma, x), labels)) / column(sigma, x)
 
 
 def euler_step(
@@ -37,7 +37,7 @@ def euler_step(
     labels: Tensor | None = None,
 ) -> Tensor:
     """Karras et al. 2022, Alg. 1 line 5: ``x + (sigma_next - sigma) d(x; sigma)``."""
-    return x + _col(sigma_next - sigma, x) * to_d(denoiser, x, sigma, labels)
+    return x + column(sigma_next - sigma, x) * to_d(denoiser, x, sigma, labels)
 
 
 def heun_step(
@@ -49,7 +49,7 @@ def heun_step(
 ) -> Tensor:
     """Karras et al. 2022, Alg. 1 lines 5-8: Heun's step; Euler where ``sigma_next == 0``."""
     d = to_d(denoiser, x, sigma, labels)
-    h = _col(sigma_next - sigma, x)
+    h = column(sigma_next - sigma, x)
     x_next = x + h * d
     if not isinstance(sigma_next, Tensor):
         if sigma_next == 0:
@@ -60,7 +60,7 @@ def heun_step(
         return x_next
     # Samples that reach 0 keep their Euler step; a dummy sigma of 1 avoids dividing by 0.
     d_next = to_d(denoiser, x_next, torch.where(last, 1.0, sigma_next), labels)
-    return torch.where(_col(last, x) > 0, x_next, x + h * (d + d_next) / 2)
+    return torch.where(column(last, x) > 0, x_next, x + h * (d + d_next) / 2)
 
 
 def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
