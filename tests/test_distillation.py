@@ -146,6 +146,10 @@ def test_init_from_teacher_errors_are_clear():
         )
     with pytest.raises(ValueError, match="set the student's noise_scale to 0.25"):
         ConsistencyDistillation(EDMPrecond(TinyNet(4))).bind(ConsistencyPrecond(TinyNet(4)))
+    from cm.precond import VPPrecond
+
+    with pytest.raises(ValueError, match="another c_noise than the teacher's"):
+        ConsistencyDistillation(VPPrecond(TinyNet(4))).bind(ConsistencyPrecond(TinyNet(4)))
 
 
 def test_random_gaussian_mixture_is_the_dataset_mixture():
