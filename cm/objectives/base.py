@@ -51,3 +51,15 @@ def copy_net_weights(student: nn.Module, teacher: nn.Module) -> None:
             "teacher's network config or set init_from_teacher to false."
         )
     s_net.load_state_dict(t_state)
+
+
+def drop_labels(labels: Tensor | None, p_uncond: float) -> Tensor | None:
+    """Ho & Salimans 2022, Alg. 1: zero each label row with probability ``p_uncond``.
+
+    All-zero rows are the networks' "no class", so one model learns the conditional and the
+    unconditional denoiser that ``cm.guidance.cfg`` combines.
+    """
+    if labels is None or p_uncond == 0:
+        return labels
+    keep = torch.rand(labels.shape[0], device=labels.device) >= p_uncond
+    return labels * keep.view(-1, 1).to(labels.dtype)

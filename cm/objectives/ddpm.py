@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cm.objectives.base import Objective
+from cm.objectives.base import Objective, drop_labels
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -62,6 +62,7 @@ class DDPMLoss(Objective):
         bpd_timesteps: timesteps per image in the validation bits/dim estimate: None evaluates
             all T terms (exact, as iDDPM's ``calc_bpd_loop``); K < T draws one ``t`` in each of
             K equal strata (unbiased, K network calls per image).
+        p_uncond: probability of dropping a sample's label (classifier-free guidance training).
     """
 
     def __init__(
@@ -72,8 +73,10 @@ class DDPMLoss(Objective):
         history: int = 10,
         uniform_prob: float = 0.001,
         bpd_timesteps: int | None = None,
+        p_uncond: float = 0.0,
     ) -> None:
         super().__init__()
+        self.p_uncond = p_uncond
         self.loss, self.vlb_weight = loss, vlb_weight
         self.importance_sampling, self.history = importance_sampling, history
         self.uniform_prob, self.bpd_timesteps = uniform_prob, bpd_timesteps
@@ -175,6 +178,7 @@ class DDPMLoss(Objective):
         self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
     ) -> Tensor:
         """Per-sample loss ``[N]``: ``L_simple``, ``L_hybrid`` or ``L_vlb`` at random ``t``."""
+        labels = drop_labels(labels, self.p_uncond) if self.training else labels
         T = denoiser.num_timesteps
         t, weight = self.sample_timesteps(x0.shape[0], T, x0.device)
         sigma = denoiser.sigmas.to(x0.device)[t].to(x0.dtype)

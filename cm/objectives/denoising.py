@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from cm.objectives.base import Objective
+from cm.objectives.base import Objective, drop_labels
 from cm.schedules import edm_lognormal_sigmas
 
 
@@ -17,16 +17,25 @@ class DenoisingScoreMatching(Objective):
         p_mean: mean of ``ln(sigma)``.
         p_std: standard deviation of ``ln(sigma)``.
         sigma_data: standard deviation of the data, ``sigma_d``.
+        p_uncond: probability of dropping a sample's label (classifier-free guidance training).
     """
 
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5) -> None:
+    def __init__(
+        self,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_data: float = 0.5,
+        p_uncond: float = 0.0,
+    ) -> None:
         super().__init__()
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+        self.p_uncond = p_uncond
 
     def forward(
         self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
     ) -> Tensor:
         """Per-sample weighted denoising loss ``[N]``."""
+        labels = drop_labels(labels, self.p_uncond) if self.training else labels
         sigma = edm_lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         n = x0.new_empty(x0.shape).normal_()
