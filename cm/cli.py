@@ -87,6 +87,13 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, default="samples.npz", help="Output .npz (arr_0 NHWC).")
     p.add_argument("--grid", type=str | None, default=None, help="Also write a PNG grid here.")
     p.add_argument(
+        "--cfg_scale",
+        type=float | None,
+        default=None,
+        help="Classifier-free guidance scale s (1: conditional, 0: unconditional); the model "
+        "must have been trained with label dropout (p_uncond).",
+    )
+    p.add_argument(
         "--format",
         type=Format,
         default="auto",
@@ -114,6 +121,11 @@ def sample_main(args: Sequence[str]) -> Path:
     )
     denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
     denoiser = denoiser.to(device)
+    net = getattr(denoiser, "net", denoiser)
+    if cfg.cfg_scale is not None:
+        from cm.guidance import cfg as classifier_free
+
+        denoiser = classifier_free(denoiser, cfg.cfg_scale)
     sampler = _sampler_from(hparams.get("sampler"))
     if cfg.solver is not None:
         sampler.solver = _import_solver(cfg.solver)
@@ -121,7 +133,6 @@ def sample_main(args: Sequence[str]) -> Path:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
     if cfg.sigmas is not None:
         sampler.sigmas = cfg.sigmas
-    net = getattr(denoiser, "net", denoiser)
     shape = (net.in_channels, net.img_resolution, net.img_resolution)
     label_dim = int(getattr(net, "label_dim", 0))
     seeds = list(range(cfg.seed, cfg.seed + cfg.num))

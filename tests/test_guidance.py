@@ -77,3 +77,37 @@ def test_label_dropout_rate_and_only_in_training():
     obj.eval()
     obj(spy, x0, y, 0, 1)
     assert seen[0].sum() == 0 and torch.equal(seen[1], y)  # evaluation keeps the labels
+
+
+
+def test_cm_sample_cfg_scale(tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+
+    from cm.cli import main
+
+    root = tmp_path / "run"
+    main(
+        [
+            "fit",
+            "--config",
+            str(Path(__file__).parents[1] / "configs" / "edm_digits.yaml"),
+            "--config",
+            str(Path(__file__).parent / "tiny.yaml"),
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+        ]
+    )
+    ckpt = next(root.glob("**/checkpoints/*.ckpt"))
+    outs = {}
+    for scale in ("1.0", "3.0"):
+        out = tmp_path / f"s{scale}.npz"
+        args = ["sample", "--ckpt_path", str(ckpt), "--num", "4", "--steps", "2"]
+        main([*args, "--cfg_scale", scale, "--out", str(out)])
+        outs[scale] = np.load(out)["arr_0"]
+    main([*args, "--out", str(tmp_path / "plain.npz")])
+    plain = np.load(tmp_path / "plain.npz")["arr_0"]
+    assert np.abs(outs["1.0"].astype(int) - plain.astype(int)).max() <= 1  # s = 1: conditional
+    assert not np.array_equal(outs["3.0"], plain)
