@@ -146,3 +146,53 @@ def cosine_sigmas(num_steps: int, sigma_max: float = 80.0) -> Tensor:
         raise ValueError(f"cosine_sigmas needs num_steps >= 1, got {num_steps}.")
     i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
     return torch.tan(i / num_steps * math.atan(sigma_max))
+
+
+# diff-sampler's name for EDM's grid (``schedule_type="polynomial"``): the same function.
+polynomial_sigmas = karras_sigmas
+
+
+def logsnr_sigmas(
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Lu et al. 2022a, Sec. 3.3 (logSNR-uniform): ``num_steps`` sigmas uniform in log sigma, 0.
+
+    ``lambda = -log sigma`` in EDM coordinates, so uniform logSNR is geometric in sigma.
+    """
+    if num_steps < 1:
+        raise ValueError(f"logsnr_sigmas needs num_steps >= 1, got {num_steps}.")
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    if num_steps == 1:
+        ramp = torch.zeros(1, dtype=torch.float64)
+    sigmas = torch.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def time_uniform_sigmas(
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 1.0,
+    eps_s: float = 1e-3,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Lu et al. 2022a, Sec. 3.3 (time-uniform): VP-SDE times from 1 to ``eps_s``, then a 0.
+
+    As diff-sampler's ``time_uniform``: a linear-beta VP-SDE ``sigma(t) = sqrt(exp(beta_d t^2 / 2
+    + beta_min t) - 1)`` fitted so ``sigma(1) = sigma_max`` and ``sigma(eps_s) = sigma_min``; the
+    times are ``(1 + i / (n - 1) (eps_s^(1/rho) - 1))^rho`` (uniform for ``rho = 1``).
+    """
+    if num_steps < 1:
+        raise ValueError(f"time_uniform_sigmas needs num_steps >= 1, got {num_steps}.")
+    log_max, log_min = math.log1p(sigma_max**2), math.log1p(sigma_min**2)
+    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
+    beta_min = log_max - beta_d / 2
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    if num_steps == 1:
+        ramp = torch.zeros(1, dtype=torch.float64)
+    t = (1 + ramp * (eps_s ** (1 / rho) - 1)) ** rho
+    sigmas = torch.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)

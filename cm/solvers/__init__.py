@@ -2,7 +2,8 @@
 
 from cm.solvers import consistency
 from cm.solvers.ancestral import ddim, ddpm
-from cm.solvers.rk import euler, euler_step, heun, heun_step
+from cm.solvers.multistep import dpmpp_2m, dpmpp_3m, euler_ancestral, ipndm, unipc
+from cm.solvers.rk import dpm2, dpm2_step, edm_stochastic, euler, euler_step, heun, heun_step
 from cm.solvers.sampling import Sampler, SeededNoise
 
 __all__ = [
@@ -11,8 +12,16 @@ __all__ = [
     "consistency",
     "ddim",
     "ddpm",
+    "dpm2",
+    "dpm2_step",
+    "dpmpp_2m",
+    "dpmpp_3m",
+    "edm_stochastic",
     "euler",
+    "euler_ancestral",
     "euler_step",
     "heun",
     "heun_step",
+    "ipndm",
+    "unipc",
 ]

@@ -4,6 +4,9 @@ The step functions take a noise level as a Python float (samplers: one sigma for
 a ``[N]`` tensor (CD's teacher step, progressive distillation: one sigma per sample).
 """
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -73,5 +76,64 @@ def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None =
 def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
     """Karras et al. 2022, Alg. 1: Heun's method, Euler on the last step to 0 (2n - 1 NFE)."""
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        x = heun_step(denoiser, x, sigma, sigma_next, labels)
+    return x
+
+
+def dpm2_step(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigma: float,
+    sigma_next: float,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """Lu et al. 2022a, Alg. 1 (DPM-Solver-2, r = 1/2): midpoint in log sigma; Euler to 0."""
+    d = to_d(denoiser, x, sigma, labels)
+    if sigma_next == 0:
+        return x + (sigma_next - sigma) * d
+    sigma_mid = math.sqrt(sigma * sigma_next)  # exp of the mean of log sigmas
+    d_mid = to_d(denoiser, x + (sigma_mid - sigma) * d, sigma_mid, labels)
+    return x + (sigma_next - sigma) * d_mid
+
+
+def dpm2(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Lu et al. 2022a, Alg. 1: DPM-Solver-2 as k-diffusion's ``sample_dpm_2`` (2n - 1 NFE)."""
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        x = dpm2_step(denoiser, x, sigma, sigma_next, labels)
+    return x
+
+
+def edm_stochastic(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    labels: Tensor | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    noise: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Karras et al. 2022, Alg. 2: Heun with churn; ``s_churn = 0`` is ``heun`` (2n - 1 NFE).
+
+    Args:
+        denoiser: any denoiser.
+        x: start at ``sigmas[0]``.
+        sigmas: decreasing grid ending in 0.
+        labels: one-hot ``[N, L]`` or None.
+        s_churn: total churn; each step raises sigma by ``gamma = min(s_churn / n, sqrt2 - 1)``.
+        s_tmin: churn only where ``s_tmin <= sigma <= s_tmax``.
+        s_tmax: see ``s_tmin``.
+        s_noise: scale of the added noise (slightly above 1 offsets the denoiser's bias).
+        noise: ``noise(x)`` draws the standard normal (seeded by the Sampler); ``randn_like``.
+    """
+    noise = noise or torch.randn_like
+    n = len(sigmas) - 1
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        if gamma > 0:
+            sigma_hat = sigma * (1 + gamma)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise(x)
+            sigma = sigma_hat
         x = heun_step(denoiser, x, sigma, sigma_next, labels)
     return x

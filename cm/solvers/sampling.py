@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 
 from cm.protocols import Denoiser
-from cm.schedules import cosine_sigmas, karras_sigmas, vp_timestep_sigmas
+from cm.schedules import (
+    cosine_sigmas,
+    karras_sigmas,
+    logsnr_sigmas,
+    time_uniform_sigmas,
+    vp_timestep_sigmas,
+)
 from cm.solvers.consistency import onestep
 
 
@@ -53,7 +59,8 @@ class Sampler:
         rho: Karras grid exponent.
         schedule: ``"karras"`` (``karras_sigmas``, EDM Eq. 5), ``"vp"`` (``num_steps`` evenly
             spaced trained timesteps of a DDPM denoiser, ``vp_timestep_sigmas``) or ``"cosine"``
-            (``cosine_sigmas``, progressive distillation's grid).
+            (``cosine_sigmas``, progressive distillation's grid), ``"logsnr"`` (uniform in log
+            sigma, ``logsnr_sigmas``) or ``"time_uniform"`` (``time_uniform_sigmas``, rho = 1).
         sigmas: an explicit decreasing grid instead (e.g. CM's 2-step ``[80.0, 0.661]``); a
             trailing 0 is appended when missing.
     """
@@ -66,7 +73,7 @@ class Sampler:
         sigma_max: float = 80.0,
         rho: float = 7.0,
         sigmas: list[float] | None = None,
-        schedule: Literal["karras", "vp", "cosine"] = "karras",
+        schedule: Literal["karras", "vp", "cosine", "logsnr", "time_uniform"] = "karras",
     ) -> None:
         self.solver = solver
         self.num_steps = num_steps
@@ -93,6 +100,10 @@ class Sampler:
                 return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
             case "cosine":
                 return cosine_sigmas(self.num_steps, self.sigma_max)
+            case "logsnr":
+                return logsnr_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
+            case "time_uniform":
+                return time_uniform_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
             case "vp":
                 table = getattr(denoiser, "sigmas", None)
                 if table is None:
