@@ -66,18 +66,27 @@ def heun_step(
     return torch.where(column(last, x) > 0, x_next, x + h * (d + d_next) / 2)
 
 
+def _over_grid(
+    step: Callable[..., Tensor],
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    labels: Tensor | None,
+) -> Tensor:
+    """Apply a one-step method to each consecutive pair of the decreasing grid ``sigmas``."""
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        x = step(denoiser, x, sigma, sigma_next, labels)
+    return x
+
+
 def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
     """Euler's method over the grid ``sigmas`` (1 NFE per step); ``x`` is at ``sigmas[0]``."""
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
-        x = euler_step(denoiser, x, sigma, sigma_next, labels)
-    return x
+    return _over_grid(euler_step, denoiser, x, sigmas, labels)
 
 
 def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
     """Karras et al. 2022, Alg. 1: Heun's method, Euler on the last step to 0 (2n - 1 NFE)."""
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
-        x = heun_step(denoiser, x, sigma, sigma_next, labels)
-    return x
+    return _over_grid(heun_step, denoiser, x, sigmas, labels)
 
 
 def dpm2_step(
@@ -98,9 +107,7 @@ def dpm2_step(
 
 def dpm2(denoiser: Denoiser, x: Tensor, sigmas: Tensor, labels: Tensor | None = None) -> Tensor:
     """Lu et al. 2022a, Alg. 1: DPM-Solver-2 as k-diffusion's ``sample_dpm_2`` (2n - 1 NFE)."""
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
-        x = dpm2_step(denoiser, x, sigma, sigma_next, labels)
-    return x
+    return _over_grid(dpm2_step, denoiser, x, sigmas, labels)
 
 
 def edm_stochastic(
