@@ -1,4 +1,4 @@
-"""``cm``: LightningCLI for fit/validate/test/predict plus ``cm sample`` and ``cm export``."""
+"""``cm``: LightningCLI (fit/validate/test/predict) plus sample, export, data and bench."""
 
 import importlib
 import sys
@@ -17,6 +17,7 @@ EXTRA_COMMANDS = """extra subcommands:
   sample   generate images from a checkpoint or exported denoiser (cm sample --help)
   export   write a bare denoiser (safetensors + config.json) from a checkpoint (cm export --help)
   data     inspect a dataset on disk: image count, shape, labels, preview grid (cm data --help)
+  bench    solvers: RMSE vs NFE of every training-free solver, table + plot (cm bench solvers -h)
 """
 
 
@@ -199,15 +200,21 @@ def main(args: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero.*")
     argv = list(sys.argv[1:] if args is None else args)
-    match argv[:1]:
-        case ["sample"]:
-            sample_main(argv[1:])
-        case ["export"]:
-            export_main(argv[1:])
-        case ["data"]:
+    match argv:
+        case ["sample", *rest]:
+            sample_main(rest)
+        case ["export", *rest]:
+            export_main(rest)
+        case ["data", *rest]:
             from cm.data.inspect import data_main
 
-            data_main(argv[1:])
+            data_main(rest)
+        case ["bench", "solvers", *rest]:
+            from cm.bench import bench_main
+
+            bench_main(rest)
+        case ["bench", *_]:
+            raise ValueError("cm bench has one benchmark: cm bench solvers (see its --help).")
         case _:
             # LightningCLI reads sys.argv itself; passing it again triggers a warning.
             lightning_main(None if args is None else argv)

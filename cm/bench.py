@@ -1,0 +1,374 @@
+"""Solver benchmarks: error vs NFE of the training-free ODE solvers against a converged reference.
+
+``bench_solvers`` is a pure function (no Lightning, no files); ``write_csv``, ``write_markdown``
+and ``write_plot`` turn its records into ``solvers.csv``, ``solvers.md`` and ``solvers.png``.
+Every solver starts from the same seeded noise (``SeededNoise``) as the reference, Heun's method
+(Karras et al. 2022, Alg. 1) on a fine Karras grid, so the RMSE is the discretisation error alone.
+"""
+
+import csv
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from cm.protocols import Denoiser
+from cm.solvers import dpm2, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, unipc
+from cm.solvers.sampling import Sampler, SeededNoise, seed_labels
+
+Schedule = Literal["karras", "logsnr", "time_uniform"]
+
+
+@dataclass(frozen=True)
+class BenchSolver:
+    """A solver with its options and the grid steps that spend a given NFE budget.
+
+    ``steps(nfe)`` returns None when the solver cannot spend exactly ``nfe`` evaluations.
+    """
+
+    fn: Callable[..., Tensor]
+    steps: Callable[[int], int | None]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _one_per_step(nfe: int) -> int:
+    """Multistep and Euler: one evaluation per step."""
+    return nfe
+
+
+def _afs(nfe: int) -> int:
+    """Analytical first step: the first step is free, so one step more than the budget."""
+    return nfe + 1
+
+
+def _two_per_step(nfe: int) -> int | None:
+    """Heun and DPM-Solver-2: ``2n - 1`` evaluations (Euler to 0), so only odd budgets."""
+    return (nfe + 1) // 2 if nfe % 2 == 1 else None
+
+
+# Every cm.solvers ODE solver without learned parameters. DDIM (eta = 0) is Euler in EDM form,
+# so it appears once, as "euler (ddim)".
+SOLVERS: dict[str, BenchSolver] = {
+    "euler (ddim)": BenchSolver(euler, _one_per_step),
+    "heun": BenchSolver(heun, _two_per_step),
+    "dpm2": BenchSolver(dpm2, _two_per_step),
+    "dpmpp_2m": BenchSolver(dpmpp_2m, _one_per_step),
+    "dpmpp_3m": BenchSolver(dpmpp_3m, _one_per_step),
+    "ipndm": BenchSolver(ipndm, _one_per_step),
+    "unipc": BenchSolver(unipc, _one_per_step),
+    "dpmpp_2m+afs": BenchSolver(dpmpp_2m, _afs, {"afs": True}),
+    "ipndm+afs": BenchSolver(ipndm, _afs, {"afs": True}),
+    "unipc+afs": BenchSolver(unipc, _afs, {"afs": True}),
+}
+ALIASES = {"euler": "euler (ddim)", "ddim": "euler (ddim)"}
+
+
+def solver_names(names: Sequence[str] | None = None) -> list[str]:
+    """Canonical names of ``names`` (all of ``SOLVERS`` if None); an unknown name is an error."""
+    if names is None:
+        return list(SOLVERS)
+    out = []
+    for name in names:
+        canonical = ALIASES.get(name, name)
+        if canonical not in SOLVERS:
+            raise ValueError(
+                f"Unknown solver {name!r}: choose from {', '.join(['euler', 'ddim', *SOLVERS])}."
+            )
+        out.append(canonical)
+    return list(dict.fromkeys(out))
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls (one call = one NFE for the whole batch)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``D(x; sigma)``, counted."""
+        self.calls += 1
+        return self.denoiser(x, sigma, labels)
+
+
+def per_sample_rmse(x: Tensor, ref: Tensor) -> Tensor:
+    """``sqrt(mean over C, H, W of (x - ref)^2)`` per sample, ``[N]`` float64."""
+    return (x.double() - ref.double()).pow(2).flatten(1).mean(1).sqrt()
+
+
+@torch.no_grad()
+def bench_solvers(
+    denoiser: Denoiser,
+    shape: Sequence[int],
+    label_dim: int = 0,
+    nfes: Sequence[int] = (3, 5, 7, 9),
+    solvers: Sequence[str] | None = None,
+    seeds: Sequence[int] = range(1000),
+    schedule: Schedule = "karras",
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    ref_steps: int = 512,
+    batch_size: int = 1000,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """RMSE to a converged Heun solution at each NFE budget for each solver (one dict per cell).
+
+    Args:
+        denoiser: any ``D(x, sigma, labels)`` on ``device``.
+        shape: ``(C, H, W)`` of one sample.
+        label_dim: one-hot label size; labels are ``seed % label_dim`` (``seed_labels``); 0: none.
+        nfes: NFE budgets (each >= 1).
+        solvers: names from ``SOLVERS`` (or ``euler``/``ddim``); None: all.
+        seeds: one sample per seed, the same noise for every solver and the reference.
+        schedule: grid of the solvers: ``karras`` (EDM Eq. 5), ``logsnr`` or ``time_uniform``.
+        sigma_min: smallest nonzero sigma of every grid.
+        sigma_max: the starting noise level.
+        rho: Karras grid exponent (solvers and reference).
+        ref_steps: Heun steps of the reference on the Karras grid.
+        batch_size: samples per call.
+        dtype: dtype of the states (float64 for exact oracles).
+        device: where the samples live.
+
+    Returns:
+        dicts with ``solver``, ``nfe``, ``steps`` and ``rmse`` (the mean over samples of the
+        per-sample RMSE); ``steps`` and ``rmse`` are None where the solver cannot spend exactly
+        ``nfe`` evaluations (Heun and DPM-Solver-2 at even budgets).
+    """
+    names = solver_names(solvers)
+    if not nfes or min(nfes) < 1:
+        raise ValueError(f"NFE budgets must be integers >= 1, got {list(nfes)}.")
+    if ref_steps < 2:
+        raise ValueError(f"The reference needs at least 2 Heun steps, got {ref_steps}.")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("The benchmark needs at least one seed (--num >= 1).")
+    grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    counter = CountingDenoiser(denoiser)
+    plan = [(name, nfe, SOLVERS[name].steps(nfe)) for name in names for nfe in nfes]
+    sums = {(name, nfe): 0.0 for name, nfe, steps in plan if steps is not None}
+    for first in range(0, len(seeds), batch_size):
+        chunk = seeds[first : first + batch_size]
+        labels = seed_labels(chunk, label_dim).to(device, dtype) if label_dim else None
+        ref_sigmas = Sampler(num_steps=ref_steps, **grid).grid(denoiser)
+        x_T = SeededNoise(chunk, device).randn(shape).to(dtype) * ref_sigmas[0].item()
+        ref = heun(denoiser, x_T, ref_sigmas, labels)
+        for name, nfe, steps in plan:
+            if steps is None:
+                continue
+            spec = SOLVERS[name]
+            sigmas = Sampler(num_steps=steps, schedule=schedule, **grid).grid(denoiser)
+            counter.calls = 0
+            x = spec.fn(counter, x_T.clone(), sigmas, labels, **spec.options)
+            if counter.calls != nfe:  # the table must be honest about its NFE column
+                raise AssertionError(
+                    f"{name} with {steps} steps spent {counter.calls} NFE, not the budget {nfe}."
+                )
+            sums[name, nfe] += per_sample_rmse(x, ref).sum().item()
+    return [
+        {
+            "solver": name,
+            "nfe": nfe,
+            "steps": steps,
+            "rmse": None if steps is None else sums[name, nfe] / len(seeds),
+        }
+        for name, nfe, steps in plan
+    ]
+
+
+def _columns(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
+    """Solver names and NFE budgets in first-seen order."""
+    names = list(dict.fromkeys(r["solver"] for r in records))
+    nfes = list(dict.fromkeys(r["nfe"] for r in records))
+    return names, nfes
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """Rows NFE, columns solvers, RMSE to 4 significant digits; ``—`` where not run."""
+    names, nfes = _columns(records)
+    cell = {(r["solver"], r["nfe"]): r["rmse"] for r in records}
+    lines = ["| NFE | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for nfe in nfes:
+        values = [cell.get((n, nfe)) for n in names]
+        lines.append(
+            f"| {nfe} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in values) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One row per (solver, NFE): ``solver,nfe,steps,rmse`` (empty where not run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["solver", "nfe", "steps", "rmse"])
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: "" if r[k] is None else r[k] for k in writer.fieldnames})
+    return path
+
+
+def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """``markdown_table`` to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown_table(records))
+    return path
+
+
+def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Log-scale RMSE vs NFE, one line per solver (matplotlib's Agg canvas, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names, _ = _columns(records)
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name in names:
+        points = [(r["nfe"], r["rmse"]) for r in records if r["solver"] == name and r["rmse"]]
+        points = [(n, v) for n, v in points if math.isfinite(v)]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("RMSE to reference")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def bench_parser():
+    """Arguments of ``cm bench solvers``."""
+    from jsonargparse import ArgumentParser
+
+    from cm.io import Format
+
+    p = ArgumentParser(
+        prog="cm bench solvers",
+        description="RMSE vs NFE of every training-free ODE solver against a converged Heun "
+        "reference from the same seeded noise: writes solvers.csv, solvers.md and solvers.png.",
+    )
+    p.add_argument(
+        "--ckpt_path",
+        type=str | None,
+        default=None,
+        help="A .ckpt from cm fit, an exported denoiser directory, or a published state dict "
+        "(with --format and --denoiser); or use --oracle.",
+    )
+    p.add_argument(
+        "--oracle",
+        type=Literal["mixture"] | None,
+        default=None,
+        help="Benchmark the exact Gaussian-mixture denoiser (cm.oracle.RandomGaussianMixture, "
+        "float64) instead of a checkpoint.",
+    )
+    p.add_argument("--num_components", type=int, default=10, help="Oracle: mixture components.")
+    p.add_argument("--resolution", type=int, default=8, help="Oracle: image height and width.")
+    p.add_argument("--channels", type=int, default=1, help="Oracle: image channels.")
+    p.add_argument("--std", type=float, default=0.1, help="Oracle: std of every component.")
+    p.add_argument(
+        "--mixture_seed", type=int | None, default=None, help="Oracle: seed of the means (--seed)."
+    )
+    p.add_argument(
+        "--conditional", action="store_true", help="Oracle: condition on the component label."
+    )
+    p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 7, 9], help="NFE budgets.")
+    p.add_argument(
+        "--solvers",
+        type=str,
+        nargs="+",
+        default=None,
+        help=f"Solvers to run (default all): euler (= ddim), {', '.join(list(SOLVERS)[1:])}.",
+    )
+    p.add_argument(
+        "--schedule",
+        type=Schedule,
+        default="karras",
+        help="Sigma grid of the solvers: karras, logsnr or time_uniform.",
+    )
+    p.add_argument("--sigma_min", type=float, default=0.002, help="Smallest nonzero sigma.")
+    p.add_argument("--sigma_max", type=float, default=80.0, help="Starting noise level.")
+    p.add_argument("--rho", type=float, default=7.0, help="Karras grid exponent.")
+    p.add_argument(
+        "--ref_steps", type=int, default=512, help="Heun steps of the reference (Karras grid)."
+    )
+    p.add_argument("--num", type=int, default=1000, help="Samples (seeds seed..seed+num-1).")
+    p.add_argument("--seed", type=int, default=0, help="First seed.")
+    p.add_argument("--batch_size", type=int, default=1000, help="Samples per forward pass.")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    p.add_argument("--out", type=str, default="bench", help="Output directory.")
+    p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
+    p.add_argument("--format", type=Format, default="auto", help="Checkpoint layout (cm sample).")
+    p.add_argument(
+        "--denoiser",
+        type=str | None,
+        default=None,
+        help="YAML/JSON denoiser config for openai/edm checkpoints (cm sample --denoiser).",
+    )
+    return p
+
+
+def bench_main(args: Sequence[str]) -> Path:
+    """``cm bench solvers``: the solver table and plot for a checkpoint or the mixture oracle."""
+    cfg = bench_parser().parse_args(list(args))
+    if (cfg.ckpt_path is None) == (cfg.oracle is None):
+        raise ValueError("cm bench solvers needs exactly one of --ckpt_path or --oracle mixture.")
+    names = solver_names(cfg.solvers)
+    if min(cfg.nfe) < 1:
+        raise ValueError(f"--nfe budgets must be integers >= 1, got {cfg.nfe}.")
+    if cfg.num < 1:
+        raise ValueError(f"--num must be >= 1, got {cfg.num}.")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.oracle == "mixture":
+        from cm.oracle import RandomGaussianMixture
+
+        seed = cfg.seed if cfg.mixture_seed is None else cfg.mixture_seed
+        denoiser = RandomGaussianMixture(
+            cfg.num_components, cfg.resolution, cfg.channels, cfg.std, seed
+        )
+        shape = (cfg.channels, cfg.resolution, cfg.resolution)
+        label_dim = cfg.num_components if cfg.conditional else 0
+        dtype, title = torch.float64, f"mixture K={cfg.num_components} std={cfg.std}"
+    else:
+        from cm.io import load_denoiser
+
+        denoiser, _ = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
+        net = getattr(denoiser, "net", denoiser)
+        shape = (net.in_channels, net.img_resolution, net.img_resolution)
+        label_dim, dtype = int(getattr(net, "label_dim", 0)), torch.float32
+        title = Path(cfg.ckpt_path).name
+    records = bench_solvers(
+        denoiser.to(device),
+        shape,
+        label_dim,
+        cfg.nfe,
+        names,
+        range(cfg.seed, cfg.seed + cfg.num),
+        cfg.schedule,
+        cfg.sigma_min,
+        cfg.sigma_max,
+        cfg.rho,
+        cfg.ref_steps,
+        cfg.batch_size,
+        dtype,
+        device,
+    )
+    out = Path(cfg.out)
+    write_csv(records, out / "solvers.csv")
+    write_markdown(records, out / "solvers.md")
+    write_plot(records, out / "solvers.png", f"{title}, {cfg.schedule} grid, {cfg.num} seeds")
+    print(markdown_table(records))
+    print(f"Wrote solvers.csv, solvers.md and solvers.png to {out}")
+    return out
