@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cm.data import (
     CIFAR10Dataset,
     DigitsDataset,
-    FolderDataset,
     ImageNet64Dataset,
     LSUNDataset,
     MixtureDataset,
@@ -123,9 +122,7 @@ class ImageDataModule(L.LightningDataModule):
                     self.seed,
                     self.use_labels,
                 )
-            case "folder":
-                return FolderDataset(self.path, self._resolution, self.flip, self.use_labels)
-            case "cifar10" | "imagenet64" | "lsun":
+            case "folder" | "cifar10" | "imagenet64" | "lsun":
                 return open_dataset(
                     self.dataset_name,
                     self.path,
