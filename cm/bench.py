@@ -151,10 +151,10 @@ def bench_solvers(
     counter = CountingDenoiser(denoiser)
     plan = [(name, nfe, SOLVERS[name].steps(nfe)) for name in names for nfe in nfes]
     sums = {(name, nfe): 0.0 for name, nfe, steps in plan if steps is not None}
+    ref_sigmas = Sampler(num_steps=ref_steps, **grid).grid(denoiser)
     for first in range(0, len(seeds), batch_size):
         chunk = seeds[first : first + batch_size]
         labels = seed_labels(chunk, label_dim).to(device, dtype) if label_dim else None
-        ref_sigmas = Sampler(num_steps=ref_steps, **grid).grid(denoiser)
         x_T = SeededNoise(chunk, device).randn(shape).to(dtype) * ref_sigmas[0].item()
         ref = heun(denoiser, x_T, ref_sigmas, labels)
         for name, nfe, steps in plan:

@@ -12,16 +12,12 @@ import argparse
 
 import torch
 
+from cm.bench import per_sample_rmse
 from cm.io import build, load_any
 from cm.oracle import GaussianMixture, RandomGaussianMixture
 from cm.schedules import karras_sigmas
 from cm.solvers import Sampler, SeededNoise, heun
 from cm.solvers.sampling import seed_labels
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample root mean squared error, ``[N]``."""
-    return (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
 
 
 def teacher_of(hparams: dict, args: argparse.Namespace) -> GaussianMixture:
@@ -67,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if conditional
             else torch.cdist(x_exact.flatten(1), mixture.means.flatten(1)).argmin(1)
         )
-        errors.append(rmse(x_student, x_exact))
-        baseline.append(rmse(mixture.means[k], x_exact))
+        errors.append(per_sample_rmse(x_student, x_exact))
+        baseline.append(per_sample_rmse(mixture.means[k], x_exact))
     result = {
         "rmse": torch.cat(errors).mean().item(),
         "baseline": torch.cat(baseline).mean().item(),
