@@ -24,8 +24,10 @@ def afs_denoised(x: Tensor, sigma: float) -> Tensor:
     return x - sigma * x / math.sqrt(1 + sigma**2)
 
 
-def _first(denoiser: Denoiser, x: Tensor, sigma: float, labels: Tensor | None, afs: bool) -> Tensor:
-    """``D(x; sigma)`` of the first step: the model, or the analytical first step."""
+def _denoised(
+    denoiser: Denoiser, x: Tensor, sigma: float, labels: Tensor | None, afs: bool
+) -> Tensor:
+    """``D(x; sigma)``: the model, or the analytical first step when ``afs``."""
     return afs_denoised(x, sigma) if afs else denoiser(x, _sigma(sigma, x), labels)
 
 
@@ -77,10 +79,7 @@ def _dpmpp(
     grid = sigmas.tolist()
     D_hist: list[Tensor] = []
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
-        if i == 0:
-            D = _first(denoiser, x, sigma, labels, afs)
-        else:
-            D = denoiser(x, _sigma(sigma, x), labels)
+        D = _denoised(denoiser, x, sigma, labels, afs and i == 0)
         D_hist = [*D_hist, D][-order:]
         x = dpmpp_step(x, sigma, sigma_next, D_hist, grid[max(i + 1 - order, 0) : i + 1])
     return x
@@ -139,10 +138,7 @@ def ipndm(
     grid = sigmas.tolist()
     ds: list[Tensor] = []  # newest first
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
-        if i == 0:
-            D = _first(denoiser, x, sigma, labels, afs)
-        else:
-            D = denoiser(x, _sigma(sigma, x), labels)
+        D = _denoised(denoiser, x, sigma, labels, afs and i == 0)
         ds = [(x - D) / sigma, *ds][:max_order]
         x = x + (sigma_next - sigma) * sum(c * d for c, d in zip(_AB[len(ds) - 1], ds, strict=True))
     return x
@@ -208,7 +204,7 @@ def unipc(
     if not 1 <= order <= 3:
         raise ValueError(f"unipc needs 1 <= order <= 3, got {order}.")
     grid = sigmas.tolist()
-    D_hist, sigma_hist = [_first(denoiser, x, grid[0], labels, afs)], [grid[0]]
+    D_hist, sigma_hist = [_denoised(denoiser, x, grid[0], labels, afs)], [grid[0]]
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         x_pred = unipc_step(x, sigma, sigma_next, D_hist, sigma_hist)
         if i == len(grid) - 2 or sigma_next == 0:
