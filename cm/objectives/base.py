@@ -11,6 +11,14 @@ class Objective(nn.Module):
     so it is saved in the checkpoint with them.
     """
 
+    def train(self, mode: bool = True) -> "Objective":
+        """Switch the objective's modules, keeping a frozen ``teacher`` (CD, PD) in eval mode."""
+        super().train(mode)
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.eval()
+        return self
+
     def bind(self, denoiser: nn.Module) -> None:
         """Create state that copies the trained denoiser (e.g. a target network) before training."""
 

@@ -86,12 +86,6 @@ class ConsistencyDistillation(ConsistencyObjective):
             copy_net_weights(denoiser, self.teacher)
         super().bind(denoiser)
 
-    def train(self, mode: bool = True) -> "ConsistencyDistillation":
-        """Switch the objective's modules, keeping the frozen teacher in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def num_scales(self, step: int, total_steps: int) -> int:
         """N: fixed for CD (Song et al. 2023, Table 3)."""
         return self.N

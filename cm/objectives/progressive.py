@@ -72,12 +72,6 @@ class ProgressiveDistillation(Objective):
         self.weighting, self.init_from_teacher = weighting, init_from_teacher
         self._last: dict[str, float] = {}
 
-    def train(self, mode: bool = True) -> "ProgressiveDistillation":
-        """Switch the objective's mode but keep the teacher in eval (no dropout, frozen)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def bind(self, denoiser: nn.Module) -> None:
         """Copy the teacher's network into the student when ``init_from_teacher``."""
         if self.init_from_teacher:
