@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cm.protocols import Denoiser
-from cm.solvers import dpm2, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, unipc
+from cm.solvers import amed, amed_plugin, dpm2, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, unipc
 from cm.solvers.sampling import Sampler, SeededNoise, seed_labels
 
 Schedule = Literal["karras", "logsnr", "time_uniform"]
@@ -115,6 +115,7 @@ def bench_solvers(
     batch_size: int = 1000,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    predictors: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """RMSE to a converged Heun solution at each NFE budget for each solver (one dict per cell).
 
@@ -133,6 +134,8 @@ def bench_solvers(
         batch_size: samples per call.
         dtype: dtype of the states (float64 for exact oracles).
         device: where the samples live.
+        predictors: trained ``AMEDPredictor``s, each run at its own NFE on its own grid as
+            ``amed`` or ``amed_plugin(<base>)``.
 
     Returns:
         dicts with ``solver``, ``nfe``, ``steps`` and ``rmse`` (the mean over samples of the
@@ -150,6 +153,8 @@ def bench_solvers(
     grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     counter = CountingDenoiser(denoiser)
     plan = [(name, nfe, SOLVERS[name].steps(nfe)) for name in names for nfe in nfes]
+    learned = {(_learned_name(p), p.nfe): p for p in predictors}
+    plan += [(name, nfe, learned[name, nfe].num_steps - 1) for name, nfe in learned]
     sums = {(name, nfe): 0.0 for name, nfe, steps in plan if steps is not None}
     ref_sigmas = Sampler(num_steps=ref_steps, **grid).grid(denoiser)
     for first in range(0, len(seeds), batch_size):
@@ -160,10 +165,13 @@ def bench_solvers(
         for name, nfe, steps in plan:
             if steps is None:
                 continue
-            spec = SOLVERS[name]
-            sigmas = Sampler(num_steps=steps, schedule=schedule, **grid).grid(denoiser)
             counter.calls = 0
-            x = spec.fn(counter, x_T.clone(), sigmas, labels, **spec.options)
+            if (name, nfe) in learned:
+                x = _run_learned(learned[name, nfe], counter, x_T.clone(), labels)
+            else:
+                spec = SOLVERS[name]
+                sigmas = Sampler(num_steps=steps, schedule=schedule, **grid).grid(denoiser)
+                x = spec.fn(counter, x_T.clone(), sigmas, labels, **spec.options)
             if counter.calls != nfe:  # the table must be honest about its NFE column
                 raise AssertionError(
                     f"{name} with {steps} steps spent {counter.calls} NFE, not the budget {nfe}."
@@ -178,6 +186,17 @@ def bench_solvers(
         }
         for name, nfe, steps in plan
     ]
+
+
+def _learned_name(predictor: Any) -> str:
+    """``amed`` (AMED-Solver) or ``amed_plugin(<base solver>)``."""
+    return "amed" if predictor.solver == "amed" else f"amed_plugin({predictor.solver})"
+
+
+def _run_learned(predictor: Any, denoiser: Denoiser, x: Tensor, labels: Tensor | None) -> Tensor:
+    """A trained AMED predictor's solver on the grid it was trained for."""
+    fn = amed if predictor.solver == "amed" else amed_plugin
+    return fn(denoiser, x, predictor.grid(), labels, predictor=predictor.to(x.device))
 
 
 def _columns(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
@@ -222,6 +241,7 @@ def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Log-scale RMSE vs NFE, one line per solver (matplotlib's Agg canvas, no pyplot state)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -231,11 +251,13 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str =
     fig = Figure(figsize=(6.4, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name in names:
+    colors = matplotlib.colormaps["tab20"].colors  # 20 distinct colours; learned solvers dashed
+    for i, name in enumerate(names):
         points = [(r["nfe"], r["rmse"]) for r in records if r["solver"] == name and r["rmse"]]
         points = [(n, v) for n, v in points if math.isfinite(v)]
+        style = "--" if name.startswith("amed") else "-"
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+            ax.plot(*zip(*points, strict=True), style, marker="o", label=name, color=colors[i % 20])
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
     ax.set_ylabel("RMSE to reference")
@@ -283,6 +305,14 @@ def bench_parser():
         "--conditional", action="store_true", help="Oracle: condition on the component label."
     )
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 7, 9], help="NFE budgets.")
+    p.add_argument(
+        "--predictor",
+        type=str,
+        nargs="+",
+        default=[],
+        help="Trained AMED predictors (.ckpt of cm fit --config configs/amed_*.yaml), each "
+        "added at its own NFE as amed or amed_plugin(<base>).",
+    )
     p.add_argument(
         "--solvers",
         type=str,
@@ -349,6 +379,9 @@ def bench_main(args: Sequence[str]) -> Path:
         shape = (net.in_channels, net.img_resolution, net.img_resolution)
         label_dim, dtype = int(getattr(net, "label_dim", 0)), torch.float32
         title = Path(cfg.ckpt_path).name
+    from cm.io import load_predictor
+
+    predictors = [load_predictor(path) for path in cfg.predictor]
     records = bench_solvers(
         denoiser.to(device),
         shape,
@@ -364,6 +397,7 @@ def bench_main(args: Sequence[str]) -> Path:
         cfg.batch_size,
         dtype,
         device,
+        predictors,
     )
     out = Path(cfg.out)
     write_csv(records, out / "solvers.csv")

@@ -67,8 +67,15 @@ def sample_parser() -> ArgumentParser:
         "--solver",
         type=str | None,
         default=None,
-        help="Import path of a solver, e.g. cm.solvers.heun or "
-        "cm.solvers.consistency.multistep; default: the checkpoint's sampler.",
+        help="A cm.solvers name (heun, dpmpp_2m, ipndm, amed, ...) or the import path of a "
+        "solver, e.g. cm.solvers.consistency.multistep; default: the checkpoint's sampler.",
+    )
+    p.add_argument(
+        "--predictor",
+        type=str | None,
+        default=None,
+        help="A trained AMED predictor (.ckpt of cm fit --config configs/amed_*.yaml): samples "
+        "with AMED-Solver or AMED-Plugin on the grid it was trained for.",
     )
     p.add_argument(
         "--sigmas",
@@ -134,6 +141,8 @@ def sample_main(args: Sequence[str]) -> Path:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
     if cfg.sigmas is not None:
         sampler.sigmas = cfg.sigmas
+    if cfg.predictor is not None or cfg.solver in AMED_SOLVERS:
+        _use_predictor(sampler, cfg, device)
     shape = (net.in_channels, net.img_resolution, net.img_resolution)
     label_dim = int(getattr(net, "label_dim", 0))
     seeds = list(range(cfg.seed, cfg.seed + cfg.num))
@@ -148,8 +157,35 @@ def sample_main(args: Sequence[str]) -> Path:
     return out
 
 
+AMED_SOLVERS = ("amed", "amed_plugin", "cm.solvers.amed", "cm.solvers.amed_plugin")
+
+
+def _use_predictor(sampler, cfg, device: str) -> None:
+    """Point ``sampler`` at AMED with the predictor of ``--predictor`` and its training grid."""
+    from functools import partial
+
+    from cm.io import load_predictor
+    from cm.solvers import amed, amed_plugin
+
+    if cfg.predictor is None:
+        raise ValueError(f"--solver {cfg.solver} needs --predictor: a trained AMED .ckpt.")
+    if cfg.steps is not None or cfg.sigmas is not None:
+        raise ValueError(
+            "An AMED predictor samples on the grid it was trained for: drop --steps/--sigmas "
+            "(train another predictor for another NFE)."
+        )
+    if cfg.solver is not None and cfg.solver not in AMED_SOLVERS:
+        raise ValueError(f"--predictor is for --solver amed or amed_plugin, not {cfg.solver}.")
+    predictor = load_predictor(cfg.predictor).to(device)
+    fn = amed if predictor.solver == "amed" else amed_plugin
+    sampler.solver = partial(fn, predictor=predictor)
+    sampler.sigmas = predictor.grid().tolist()
+    print(f"AMED ({predictor.solver}): {predictor.nfe} NFE on {predictor.num_steps} time points")
+
+
 def _import_solver(path: str):
-    """The solver function at an import path like ``cm.solvers.heun``."""
+    """The solver function at an import path like ``cm.solvers.heun``, or a name like ``heun``."""
+    path = path if "." in path else f"cm.solvers.{path}"
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)

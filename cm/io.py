@@ -333,3 +333,29 @@ class PretrainedDenoiser(nn.Module):
     def extra_repr(self) -> str:
         """Where the teacher came from."""
         return f"path={self.path!r}, format={self.format!r}, ema={self.ema}"
+
+
+def load_predictor(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained ``AMEDPredictor`` of an AMED ``cm fit`` checkpoint (eval mode).
+
+    It carries the grid, base solver and AFS setting it was trained for (``predictor.grid()``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"AMED predictor '{path}' does not exist: pass the .ckpt written by "
+            "cm fit --config configs/amed_*.yaml."
+        )
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    config = dict(ckpt.get("hyper_parameters", {})).get("predictor")
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(
+            f"'{path}' holds no AMED predictor: train one with cm fit --config "
+            "configs/amed_*.yaml and pass its .ckpt."
+        )
+    predictor = build(config)
+    prefix = "predictor."
+    predictor.load_state_dict(
+        {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    )
+    return predictor.eval()

@@ -1,6 +1,7 @@
 """Noise-level grids and training curricula (EDM, CT and iCT), as pure functions of the step."""
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -146,6 +147,27 @@ def cosine_sigmas(num_steps: int, sigma_max: float = 80.0) -> Tensor:
         raise ValueError(f"cosine_sigmas needs num_steps >= 1, got {num_steps}.")
     i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
     return torch.tan(i / num_steps * math.atan(sigma_max))
+
+
+Schedule = Literal["karras", "logsnr", "time_uniform"]
+
+
+def schedule_sigmas(
+    schedule: Schedule,
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> Tensor:
+    """The grid of ``num_steps`` sigmas then 0 by name; ``rho`` is the Karras exponent only."""
+    match schedule:
+        case "karras":
+            return karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+        case "logsnr":
+            return logsnr_sigmas(num_steps, sigma_min, sigma_max)
+        case "time_uniform":
+            return time_uniform_sigmas(num_steps, sigma_min, sigma_max)
+    raise ValueError(f"Unknown schedule {schedule!r}: use karras, logsnr or time_uniform.")
 
 
 # diff-sampler's name for EDM's grid (``schedule_type="polynomial"``): the same function.

@@ -1,5 +1,6 @@
 """Training objectives ``objective(denoiser, x0, labels, step, total_steps) -> loss[N]``."""
 
+from cm.objectives.amed import AMEDDistillation
 from cm.objectives.base import Objective, copy_net_weights
 from cm.objectives.consistency import ConsistencyObjective, ConsistencyTraining
 from cm.objectives.ddpm import DDPMLoss
@@ -9,6 +10,7 @@ from cm.objectives.distillation import ConsistencyDistillation
 from cm.objectives.progressive import ProgressiveDistillation
 
 __all__ = [
+    "AMEDDistillation",
     "L1",
     "LPIPS",
     "ConsistencyDistillation",

@@ -31,13 +31,22 @@ def _denoised(
     return afs_denoised(x, sigma) if afs else denoiser(x, _sigma(sigma, x), labels)
 
 
-def _lam(sigma: float) -> float:
-    """Half the log-SNR, ``lambda = -log sigma`` (Lu et al. 2022b, Sec. 3)."""
-    return -math.log(sigma)
+def _lam(sigma: Tensor | float) -> Tensor | float:
+    """Half the log-SNR, ``lambda = -log sigma`` (Lu et al. 2022b, Sec. 3); floats or tensors."""
+    return -sigma.log() if isinstance(sigma, Tensor) else -math.log(sigma)
+
+
+def _expm1(h: Tensor | float) -> Tensor | float:
+    """``exp(h) - 1`` of a float or a tensor."""
+    return h.expm1() if isinstance(h, Tensor) else math.expm1(h)
 
 
 def dpmpp_step(
-    x: Tensor, sigma: float, sigma_next: float, D_hist: list[Tensor], sigma_hist: list[float]
+    x: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    D_hist: list[Tensor],
+    sigma_hist: list[Tensor | float],
 ) -> Tensor:
     """Lu et al. 2022b, Alg. 2 and App. B (DPM-Solver++ multistep, orders 1-3) in EDM form.
 
@@ -46,9 +55,10 @@ def dpmpp_step(
     The 3M update keeps the published coefficients (DPM-Solver's code, k-diffusion): ``D2``
     approximates ``h^2 D'' / 2`` but is weighted by ``phi_3``, not ``2 phi_3``, so the step is
     locally ``O(h^3)`` like 2M's (tests/test_solvers.py measures it), with a smaller constant.
+    Sigmas are floats or ``[N, 1, 1, 1]`` tensors (AMED's per-sample intermediate times).
     """
     D0, ratio = D_hist[-1], sigma_next / sigma
-    if sigma_next == 0:
+    if not isinstance(sigma_next, Tensor) and sigma_next == 0:
         return D0
     h = _lam(sigma_next) - _lam(sigma)
     if len(D_hist) == 1:
@@ -62,7 +72,7 @@ def dpmpp_step(
     D1_1 = (D_hist[-2] - D_hist[-3]) / r1
     D1 = D1_0 + (D1_0 - D1_1) * r0 / (r0 + r1)
     D2 = (D1_0 - D1_1) / (r0 + r1)
-    phi_2 = math.expm1(-h) / h + 1
+    phi_2 = _expm1(-h) / h + 1
     phi_3 = phi_2 / h - 0.5
     return D0 + ratio * (x - D0) + phi_2 * D1 - phi_3 * D2
 
@@ -140,8 +150,15 @@ def ipndm(
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         D = _denoised(denoiser, x, sigma, labels, afs and i == 0)
         ds = [(x - D) / sigma, *ds][:max_order]
-        x = x + (sigma_next - sigma) * sum(c * d for c, d in zip(_AB[len(ds) - 1], ds, strict=True))
+        x = ipndm_step(x, sigma, sigma_next, ds)
     return x
+
+
+def ipndm_step(
+    x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, ds: list[Tensor]
+) -> Tensor:
+    """Adams-Bashforth of order ``len(ds)`` (at most 4) on the slopes ``ds``, newest first."""
+    return x + (sigma_next - sigma) * sum(c * d for c, d in zip(_AB[len(ds) - 1], ds, strict=True))
 
 
 def _unipc_rhos(h: float, rks: list[float]) -> list[float]:

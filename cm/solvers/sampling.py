@@ -8,13 +8,7 @@ import torch
 from torch import Tensor
 
 from cm.protocols import Denoiser
-from cm.schedules import (
-    cosine_sigmas,
-    karras_sigmas,
-    logsnr_sigmas,
-    time_uniform_sigmas,
-    vp_timestep_sigmas,
-)
+from cm.schedules import cosine_sigmas, schedule_sigmas, vp_timestep_sigmas
 from cm.solvers.consistency import onestep
 
 
@@ -96,14 +90,12 @@ class Sampler:
             sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
             return sigmas if sigmas[-1] == 0 else torch.cat([sigmas, sigmas.new_zeros(1)])
         match self.schedule:
-            case "karras":
-                return karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+            case "karras" | "logsnr" | "time_uniform":
+                return schedule_sigmas(
+                    self.schedule, self.num_steps, self.sigma_min, self.sigma_max, self.rho
+                )
             case "cosine":
                 return cosine_sigmas(self.num_steps, self.sigma_max)
-            case "logsnr":
-                return logsnr_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
-            case "time_uniform":
-                return time_uniform_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
             case "vp":
                 table = getattr(denoiser, "sigmas", None)
                 if table is None:

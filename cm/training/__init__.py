@@ -1,8 +1,16 @@
 """The Lightning shell: modules, data modules and callbacks (the only layer importing lightning)."""
 
+from cm.training.amed import AMEDModule
 from cm.training.callbacks import SampleGrid
 from cm.training.datamodule import ImageDataModule
 from cm.training.module import DenoiserModule
 from cm.training.prediction import NpzWriter, SeedDataModule
 
-__all__ = ["DenoiserModule", "ImageDataModule", "NpzWriter", "SampleGrid", "SeedDataModule"]
+__all__ = [
+    "AMEDModule",
+    "DenoiserModule",
+    "ImageDataModule",
+    "NpzWriter",
+    "SampleGrid",
+    "SeedDataModule",
+]

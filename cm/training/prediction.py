@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 
 class SeedDataModule(L.LightningDataModule):
-    """Integer seeds ``seed .. seed+num-1`` for ``predict``, split over ranks without padding.
+    """Integer seeds ``seed .. seed+num-1`` for ``predict`` (and AMED's ``fit``), split over ranks.
 
     Rank ``r`` of ``W`` takes a contiguous block, so no seed is generated twice (Lightning's
     sampler would pad with duplicates).
@@ -34,6 +34,14 @@ class SeedDataModule(L.LightningDataModule):
         seeds = torch.arange(self.seed, self.seed + self.num)[
             rank * per_rank : (rank + 1) * per_rank
         ]
+        return DataLoader(seeds, batch_size=self.batch_size, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """All seeds for training on noise alone (AMED: one trajectory per seed and epoch).
+
+        Lightning's distributed sampler splits them over ranks (padding is harmless here).
+        """
+        seeds = torch.arange(self.seed, self.seed + self.num)
         return DataLoader(seeds, batch_size=self.batch_size, shuffle=False)
 
 

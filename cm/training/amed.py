@@ -1,0 +1,105 @@
+"""``AMEDModule``: train an AMED predictor against a frozen denoiser (Zhou et al. 2024, Alg. 2)."""
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+
+from cm.networks.amed import AMEDPredictor
+from cm.objectives.amed import AMEDDistillation
+from cm.solvers.sampling import SeededNoise, seed_labels
+
+
+class AMEDModule(L.LightningModule):
+    """Fit ``predictor`` so its solver matches a finer teacher, one optimizer step per interval.
+
+    A batch is a batch of noise seeds (``cm.training.SeedDataModule``): the teacher trajectory is
+    computed once per batch, then interval ``n = 0 .. N - 2`` takes one Adam step on its own loss,
+    as diff-sampler's training loop (so ``global_step`` advances ``N - 1`` per batch). The frozen
+    denoiser never trains and never goes into the optimizer; a ``cm.io.PretrainedDenoiser`` also
+    stays out of the checkpoint. ``cm sample --solver amed --predictor CKPT`` samples with the
+    result on the grid it was trained for.
+
+    Args:
+        denoiser: the frozen denoiser, e.g. ``cm.io.PretrainedDenoiser`` or a ``cm.oracle`` one.
+        predictor: the ``AMEDPredictor`` to train (it fixes grid, base solver, AFS).
+        objective: teacher and loss; default Heun with ``M = 1`` (the paper's CIFAR-10 setting).
+        optimizer: optimizer factory over the predictor's parameters (the paper: Adam, lr 5e-3).
+        image_shape: ``[C, H, W]`` of the noise; default from the denoiser's network or oracle.
+        label_dim: one-hot classes drawn as ``seed % label_dim``; default the network's (or 0).
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        predictor: AMEDPredictor,
+        objective: AMEDDistillation | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        image_shape: Sequence[int] | None = None,
+        label_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.denoiser = denoiser.requires_grad_(False).eval()
+        self.predictor = predictor
+        self.objective = objective if objective is not None else AMEDDistillation()
+        self.optimizer_factory = optimizer
+        self.image_shape = tuple(image_shape) if image_shape else _shape_of(denoiser)
+        net = getattr(denoiser, "net", denoiser)
+        self.label_dim = int(getattr(net, "label_dim", 0)) if label_dim is None else label_dim
+
+    def train(self, mode: bool = True) -> "AMEDModule":
+        """Train the predictor; the denoiser stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.denoiser.eval()
+        return self
+
+    def configure_optimizers(self):  # noqa: D102 - Lightning hook
+        return self.optimizer_factory(self.predictor.parameters())
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """One teacher trajectory per seed, then one optimizer step per interval."""
+        seeds = batch.tolist()
+        grid = self.predictor.grid()
+        x = SeededNoise(seeds, self.device).randn(self.image_shape) * grid[0].item()
+        labels = None
+        if self.label_dim:
+            labels = seed_labels(seeds, self.label_dim).to(self.device)
+        targets = self.objective.targets(self.denoiser, self.predictor, x, labels)
+        forcing = self.objective.forcing(self.predictor)
+        optimizer, hist, total = self.optimizers(), [], 0.0
+        with self.predictor.watch(self.denoiser) as tap:
+            for n, target in enumerate(targets):
+                loss, x_next, hist, (r, c, a) = self.objective(
+                    self.denoiser, self.predictor, tap, x, n, target, labels, hist
+                )
+                optimizer.zero_grad()
+                self.manual_backward(loss.mean())
+                for p in self.predictor.parameters():  # as diff-sampler: no step on a NaN
+                    if p.grad is not None:
+                        torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                optimizer.step()
+                total += loss.mean().item()
+                self.log(f"train/loss_{n}", loss.mean(), batch_size=len(seeds))
+                self.log(f"train/r_{n}", r.mean(), batch_size=len(seeds))
+                x = target if forcing else x_next.detach()
+        self.log("train/loss", total, prog_bar=True, batch_size=len(seeds))
+
+
+def _shape_of(denoiser: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a cm network's images or of an oracle's means."""
+    net = getattr(denoiser, "net", denoiser)
+    if hasattr(net, "img_resolution"):
+        return (net.in_channels, net.img_resolution, net.img_resolution)
+    means = getattr(denoiser, "means", None)
+    if means is not None:
+        return tuple(means.shape[1:])
+    raise ValueError(
+        "Cannot tell the image shape of this denoiser: set model.init_args.image_shape, "
+        "e.g. [3, 32, 32]."
+    )

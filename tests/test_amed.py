@@ -1,0 +1,301 @@
+"""AMED-Solver / AMED-Plugin: limits, NFE, exactness, bottleneck hook, training via the CLI."""
+
+import copy
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cm.bench import CountingDenoiser
+from cm.cli import main
+from cm.io import load_predictor
+from cm.networks import ADMUNet, AMEDPredictor, NCSNpp
+from cm.objectives import AMEDDistillation
+from cm.oracle import GaussianMixture, RandomGaussianMixture
+from cm.precond import EDMPrecond
+from cm.solvers import amed, amed_plugin, dpm2, dpmpp_3m, euler, heun, ipndm
+from cm.solvers.amed import positive_grid
+
+F64 = torch.float64
+CONFIG = str(Path(__file__).parents[1] / "configs" / "amed_mixture.yaml")
+
+
+class FixedPredictor:
+    """A stand-in predictor with constant ``r, c, a`` and no features (the solvers' protocol)."""
+
+    def __init__(self, solver: str, r=0.5, c=1.0, a=1.0, afs=False, max_order=4) -> None:
+        self.solver, self.afs, self.max_order = solver, afs, max_order
+        self.r, self.c, self.a = r, c, a
+
+    def __call__(self, features, sigma, sigma_next):
+        n = features.shape[0]
+        return tuple(torch.full((n,), v) for v in (self.r, self.c, self.a))
+
+    @contextmanager
+    def watch(self, denoiser):
+        from cm.networks.amed import FeatureTap
+
+        yield FeatureTap(8)
+
+
+def refined(grid: list[float], r: float = 0.5) -> torch.Tensor:
+    """``t_0, s_0, t_1, s_1, ..., t_{N-1}`` with ``s_n = t_{n+1}^r t_n^(1-r)``."""
+    out = []
+    for a, b in zip(grid[:-1], grid[1:], strict=True):
+        out += [a, b**r * a ** (1 - r)]
+    return torch.tensor([*out, grid[-1]], dtype=F64)
+
+
+def mixture() -> GaussianMixture:
+    return GaussianMixture.random(4, (1, 2, 2), std=0.3, seed=1)
+
+
+def test_predictor_size_and_ranges():
+    p = AMEDPredictor(scale_dir=0.01, scale_time=0.2)
+    assert 8_000 < sum(q.numel() for q in p.parameters()) < 10_000  # the paper's ~9k
+    with torch.no_grad():
+        for layer in (p.fc_r, p.fc_scale_dir, p.fc_scale_time):
+            layer.bias.fill_(50.0)  # saturate: every output at its upper bound
+        r, c, a = p(torch.randn(3, 64), 80.0, 10.0)
+    assert r.shape == (3,) and torch.all(r <= 1) and torch.all(r > 0.99)
+    assert torch.allclose(c, torch.full((3,), 1.01)) and torch.allclose(a, torch.full((3,), 1.2))
+    assert p.nfe == 5 and p.grid()[-1] == 0 and len(p.grid()) == 5
+    with pytest.raises(ValueError, match="max_order"):
+        AMEDPredictor(solver="dpmpp", max_order=4)
+
+
+def test_limits_equal_known_solvers():
+    """With ``r = 1/2, c = a = 1`` AMED is DPM-Solver-2 and the plugins run on the refined grid."""
+    gm = mixture()
+    x = torch.randn(6, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 20
+    sigmas = torch.tensor([20.0, 5.0, 1.0, 0.2, 0.0], dtype=F64)
+    grid = positive_grid(sigmas)
+    fine = refined(grid)
+    out = amed(gm, x, sigmas, predictor=FixedPredictor("amed"))
+    assert torch.allclose(out, dpm2(gm, x, torch.tensor(grid, dtype=F64)), atol=1e-12)
+    cases = [
+        ("euler", euler, {}),
+        ("ipndm", ipndm, {"afs": False}),
+        ("ipndm", ipndm, {"afs": True}),
+    ]
+    cases += [("dpmpp", dpmpp_3m, {"afs": False}), ("dpmpp", dpmpp_3m, {"afs": True})]
+    for base, reference, options in cases:
+        p = FixedPredictor(base, max_order=3 if base == "dpmpp" else 4, **options)
+        out = amed_plugin(gm, x, sigmas, predictor=p)
+        assert torch.allclose(out, reference(gm, x, fine, **options), atol=1e-12), base
+
+
+@pytest.mark.parametrize("base", ["amed", "euler", "ipndm", "dpmpp"])
+def test_exact_on_point_mass_and_nfe(base):
+    """Point-mass data: straight trajectories ``x = y + sigma n``, any r, exact with c = a = 1."""
+    y = torch.randn(1, 1, 2, 2, dtype=F64)
+    point = GaussianMixture(y, torch.zeros(1, dtype=F64))
+    n = torch.randn(5, 1, 2, 2, dtype=F64)
+    sigmas = torch.tensor([80.0, 10.0, 2.0, 0.5, 0.0], dtype=F64)
+    fn = amed if base == "amed" else amed_plugin
+    for afs, r in ((False, 0.3), (False, 0.8), (True, 0.6)):
+        p = FixedPredictor(base, r=r, afs=afs, max_order=3 if base == "dpmpp" else 4)
+        counter = CountingDenoiser(point)
+        out = fn(counter, y + 80.0 * n, sigmas, predictor=p)
+        assert counter.calls == 2 * 3 - int(afs)  # 2 NFE per interval, AFS saves one
+        if not afs:  # AFS assumes unit-variance data at sigma_max: exact only for that
+            assert torch.allclose(out, y + 0.5 * n, atol=1e-10), (base, r)
+
+
+def test_gaussian_data_converges():
+    """N(0, s^2 I) data: the exact solution ``x_T sqrt(s^2 + t^2) / sqrt(s^2 + T^2)``."""
+    s = 0.5
+    gauss = GaussianMixture(torch.zeros(1, 1, 2, 2, dtype=F64), torch.full((1,), s, dtype=F64))
+    x = torch.randn(5, 1, 2, 2, dtype=F64) * 80
+    errors = []
+    for k in (8, 16, 32):
+        sigmas = torch.cat(
+            [
+                torch.logspace(math.log10(80), math.log10(0.01), k, dtype=F64),
+                torch.zeros(1, dtype=F64),
+            ]
+        )
+        exact = x * math.sqrt(s**2 + 0.01**2) / math.sqrt(s**2 + 80**2)
+        out = amed(gauss, x, sigmas, predictor=FixedPredictor("amed"))
+        errors.append((out - exact).abs().max().item())
+    assert errors[0] > 3 * errors[1] > 9 * errors[2]  # second order, like DPM-Solver-2
+
+
+def tiny_edm(label_dim: int = 0) -> EDMPrecond:
+    torch.manual_seed(0)
+    net = NCSNpp(
+        img_resolution=8,
+        in_channels=1,
+        out_channels=1,
+        label_dim=label_dim,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+    )
+    return EDMPrecond(net, sigma_data=0.5).eval()
+
+
+def test_bottleneck_hook_through_wrappers(tmp_path):
+    from cm.guidance import cfg
+
+    edm = tiny_edm(label_dim=3)
+    p = AMEDPredictor(num_steps=3, solver="ipndm", schedule="karras")
+    labels = torch.eye(3)[[0, 1]]
+    x = torch.randn(2, 1, 8, 8) * 80
+    seen = []
+    p.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    counter = CountingDenoiser(cfg(edm, 2.0))
+    amed_plugin(counter, x, p.grid(), labels, predictor=p)
+    assert int(p.uses_features) == 1 and counter.calls == p.nfe
+    # AFS step: zeros; the next interval reads the conditional half of the CFG batch.
+    assert seen[0].abs().sum() == 0 and seen[1].shape == (2, 64) and seen[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="trained on bottleneck features"):
+        amed_plugin(mixture(), torch.randn(2, 1, 2, 2), p.grid(), predictor=p)
+    adm = ADMUNet(
+        img_resolution=8,
+        in_channels=1,
+        out_channels=1,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[],
+        num_head_channels=16,
+        num_groups=8,
+    )
+    from cm.networks.amed import bottleneck_module
+
+    assert bottleneck_module(EDMPrecond(adm)) is adm.middle
+    assert bottleneck_module(mixture()) is None
+    with pytest.raises(ValueError, match="not a submodule"):
+        with AMEDPredictor(feature_module="enc.9").watch(edm):
+            pass
+
+
+def test_loss_reaches_every_head():
+    gm = RandomGaussianMixture(4, 4, 1, 0.5, 0)
+    p = AMEDPredictor(num_steps=3, solver="ipndm", schedule="karras", scale_time=0.2)
+    objective = AMEDDistillation(heun, teacher_substeps=3)
+    x = torch.randn(8, 1, 4, 4) * 80
+    targets = objective.targets(gm, p, x, None)
+    with p.watch(gm) as tap:
+        loss, *_ = objective(gm, p, tap, targets[0], 1, targets[1], None, [])
+    loss.mean().backward()
+    for head in (p.fc_r, p.fc_scale_dir, p.fc_scale_time):
+        assert head.weight.grad.abs().sum() > 0
+
+
+def amed_yaml(tmp_path: Path, **predictor) -> Path:
+    config = yaml.safe_load(Path(CONFIG).read_text())
+    config["trainer"].update(
+        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False
+    )
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    config["model"]["init_args"]["predictor"]["init_args"].update(predictor)
+    config["model"]["init_args"]["objective"]["init_args"]["teacher_substeps"] = 3
+    config["data"]["init_args"].update(num=2560, batch_size=64)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "amed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@torch.no_grad()
+def heldout_loss(predictor: AMEDPredictor) -> float:
+    """The training objective, summed over intervals, on seeds the training never saw."""
+    gm = RandomGaussianMixture(10, 8, 1, 0.5, 0)
+    objective = AMEDDistillation(heun, teacher_substeps=3)
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(7)) * 80
+    hist, total = [], 0.0
+    with predictor.watch(gm) as tap:
+        for n, target in enumerate(objective.targets(gm, predictor, x, None)):
+            loss, x_next, hist, _ = objective(gm, predictor, tap, x, n, target, None, hist)
+            total += loss.mean().item()
+            x = target if objective.forcing(predictor) else x_next
+    return total
+
+
+def test_fit_then_bench_on_the_oracle(tmp_path, capsys):
+    """``cm fit`` trains the shipped config's predictor: its loss on held-out noise drops."""
+    main(["fit", "--config", str(amed_yaml(tmp_path))])
+    ckpt = next(tmp_path.glob("**/checkpoints/*.ckpt"))
+    trained = load_predictor(ckpt)
+    assert trained.solver == "ipndm" and trained.nfe == 5 and int(trained.uses_features) == 0
+    fresh = copy.deepcopy(trained)
+    torch.manual_seed(0)
+    fresh.reset_parameters()
+    assert heldout_loss(trained) < 0.5 * heldout_loss(fresh)
+    main(
+        [
+            "bench",
+            "solvers",
+            "--oracle",
+            "mixture",
+            "--std",
+            "0.5",
+            "--num",
+            "8",
+            "--ref_steps",
+            "32",
+            "--nfe",
+            "5",
+            "--solvers",
+            "ipndm",
+            "--predictor",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "bench"),
+        ]
+    )
+    assert "amed_plugin(ipndm)" in (tmp_path / "bench" / "solvers.md").read_text()
+
+
+def test_sample_with_predictor(tmp_path, capsys):
+    """A frozen cm checkpoint as the denoiser: hooked bottleneck, then ``cm sample --predictor``."""
+    from test_cli import fit, last_ckpt
+
+    denoiser_ckpt = last_ckpt(fit(tmp_path / "cm", 2))
+    path = amed_yaml(tmp_path / "amed", num_steps=3, solver="amed", scale_time=0.0)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"]["denoiser"] = {
+        "class_path": "cm.io.PretrainedDenoiser",
+        "init_args": {"path": str(denoiser_ckpt)},
+    }
+    config["data"]["init_args"].update(num=8, batch_size=4)
+    config["model"]["init_args"]["objective"]["init_args"]["teacher_substeps"] = 1
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    ckpt = next((tmp_path / "amed").glob("**/checkpoints/*.ckpt"))
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not any(k.startswith("denoiser.") for k in state)  # the frozen teacher stays out
+    assert int(load_predictor(ckpt).uses_features) == 1
+    out = tmp_path / "s.npz"
+    main(
+        [
+            "sample",
+            "--ckpt_path",
+            str(denoiser_ckpt),
+            "--solver",
+            "amed",
+            "--predictor",
+            str(ckpt),
+            "--num",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert "3 NFE" in capsys.readouterr().out and out.is_file()
+    with pytest.raises(ValueError, match="needs --predictor"):
+        main(["sample", "--ckpt_path", str(denoiser_ckpt), "--solver", "amed"])
+    with pytest.raises(ValueError, match="drop --steps"):
+        main(
+            ["sample", "--ckpt_path", str(denoiser_ckpt), "--predictor", str(ckpt), "--steps", "4"]
+        )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_predictor(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="holds no AMED predictor"):
+        load_predictor(denoiser_ckpt)
