@@ -17,7 +17,9 @@ EXTRA_COMMANDS = """extra subcommands:
   sample   generate images from a checkpoint or exported denoiser (cm sample --help)
   export   write a bare denoiser (safetensors + config.json) from a checkpoint (cm export --help)
   data     inspect a dataset on disk: image count, shape, labels, preview grid (cm data --help)
-  bench    solvers: RMSE vs NFE of every training-free solver, table + plot (cm bench solvers -h)
+  bench    solvers: RMSE vs NFE of every solver (and AMED predictors), table + plot
+  eval     FID/IS/KID/precision/recall of a samples .npz against reference statistics (cm eval -h)
+  weights  check or fetch the pretrained weights cm uses (Inception, VGG, CLIP) (cm weights -h)
 """
 
 
@@ -249,6 +251,14 @@ def main(args: Sequence[str] | None = None) -> None:
             from cm.bench import bench_main
 
             bench_main(rest)
+        case ["weights", *rest]:
+            from cm.weights import weights_main
+
+            weights_main(rest)
+        case ["eval", *rest]:
+            from cm.metrics.evaluate import eval_main
+
+            eval_main(rest)
         case ["bench", *_]:
             raise ValueError("cm bench has one benchmark: cm bench solvers (see its --help).")
         case _:

@@ -1,13 +1,13 @@
 """Distances ``d(x, y) -> [N]`` between image batches, injected into objectives."""
 
 import math
-import os
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cm import weights
 
 
 class SquaredL2(nn.Module):
@@ -47,32 +47,8 @@ class PseudoHuber(nn.Module):
         return ((x - y).pow(2).flatten(1).sum(1) + c**2).sqrt() - c
 
 
-# torchvision ImageNet trunks used by the lpips package: (file in the hub cache, source URL).
-LPIPS_TRUNKS = {
-    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
-    "alex": (
-        "alexnet-owt-7be5be79.pth",
-        "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-    ),
-}
-
-
-def weights_dirs() -> list[Path]:
-    """Where weights are looked up: ``$CM_WEIGHTS`` then the torch hub cache's checkpoints."""
-    dirs = [Path(p) for p in os.environ.get("CM_WEIGHTS", "").split(os.pathsep) if p]
-    return dirs + [Path(torch.hub.get_dir()) / "checkpoints"]
-
-
-def find_weights(filename: str, url: str) -> Path:
-    """Locate a weights file offline, or raise one clear error naming the file and its source."""
-    for d in weights_dirs():
-        if (d / filename).is_file():
-            return d / filename
-    where = ", ".join(str(d) for d in weights_dirs())
-    raise FileNotFoundError(
-        f"Weights file '{filename}' not found in {where}: download it from {url} into one of "
-        "these directories (or set CM_WEIGHTS to the folder that holds it)."
-    )
+# torchvision ImageNet trunks used by the lpips package (entries of ``cm.weights.REGISTRY``).
+LPIPS_TRUNKS = {"vgg": "vgg16", "alex": "alexnet"}
 
 
 def _average_pooling_(module: nn.Module) -> None:
@@ -114,7 +90,7 @@ class LPIPS(nn.Module):
         self.resize, self.pooling = resize, pooling
         if net not in LPIPS_TRUNKS:
             raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}.")
-        path = find_weights(*LPIPS_TRUNKS[net])
+        path = weights.find(LPIPS_TRUNKS[net])
         self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         state = torch.load(path, map_location="cpu", weights_only=True)
         # lpips keeps torchvision's indices: net.sliceK.<idx>.<param> <- features.<idx>.<param>
