@@ -16,11 +16,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from cm.io import to_uint8
 from cm.protocols import Denoiser
+from cm.schedules import Schedule
 from cm.solvers import amed, amed_plugin, dpm2, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, unipc
 from cm.solvers.sampling import Sampler, SeededNoise, seed_labels
-
-Schedule = Literal["karras", "logsnr", "time_uniform"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ def bench_solvers(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     predictors: Sequence[Any] = (),
+    suite: Any | None = None,
 ) -> list[dict[str, Any]]:
     """RMSE to a converged Heun solution at each NFE budget for each solver (one dict per cell).
 
@@ -136,11 +137,14 @@ def bench_solvers(
         device: where the samples live.
         predictors: trained ``AMEDPredictor``s, each run at its own NFE on its own grid as
             ``amed`` or ``amed_plugin(<base>)``.
+        suite: a ``cm.metrics.MetricSuite`` with ``fid``: each cell's samples (clamped to
+            ``[-1, 1]``) are also scored against its reference statistics.
 
     Returns:
-        dicts with ``solver``, ``nfe``, ``steps`` and ``rmse`` (the mean over samples of the
-        per-sample RMSE); ``steps`` and ``rmse`` are None where the solver cannot spend exactly
-        ``nfe`` evaluations (Heun and DPM-Solver-2 at even budgets).
+        dicts with ``solver``, ``nfe``, ``steps``, ``rmse`` (the mean over samples of the
+        per-sample RMSE) and ``fid`` (None without ``suite``); ``steps``, ``rmse`` and ``fid``
+        are None where the solver cannot spend exactly ``nfe`` evaluations (Heun and
+        DPM-Solver-2 at even budgets).
     """
     names = solver_names(solvers)
     if not nfes or min(nfes) < 1:
@@ -157,14 +161,19 @@ def bench_solvers(
     plan += [(name, nfe, learned[name, nfe].num_steps - 1) for name, nfe in learned]
     sums = {(name, nfe): 0.0 for name, nfe, steps in plan if steps is not None}
     ref_sigmas = Sampler(num_steps=ref_steps, **grid).grid(denoiser)
+    batches = []  # (labels, x_T, reference solution): the reference runs once per batch
     for first in range(0, len(seeds), batch_size):
         chunk = seeds[first : first + batch_size]
         labels = seed_labels(chunk, label_dim).to(device, dtype) if label_dim else None
         x_T = SeededNoise(chunk, device).randn(shape).to(dtype) * ref_sigmas[0].item()
-        ref = heun(denoiser, x_T, ref_sigmas, labels)
-        for name, nfe, steps in plan:
-            if steps is None:
-                continue
+        batches.append((labels, x_T, heun(denoiser, x_T, ref_sigmas, labels)))
+    fids: dict[tuple[str, int], float] = {}
+    for name, nfe, steps in plan:  # cells outer: one metric state at a time
+        if steps is None:
+            continue
+        if suite is not None:
+            suite.reset()
+        for labels, x_T, ref in batches:
             counter.calls = 0
             if (name, nfe) in learned:
                 x = _run_learned(learned[name, nfe], counter, x_T.clone(), labels)
@@ -177,12 +186,17 @@ def bench_solvers(
                     f"{name} with {steps} steps spent {counter.calls} NFE, not the budget {nfe}."
                 )
             sums[name, nfe] += per_sample_rmse(x, ref).sum().item()
+            if suite is not None:
+                suite.update(to_uint8(x.float().clamp(-1, 1)))
+        if suite is not None:
+            fids[name, nfe] = suite.compute()["fid"]
     return [
         {
             "solver": name,
             "nfe": nfe,
             "steps": steps,
             "rmse": None if steps is None else sums[name, nfe] / len(seeds),
+            "fid": fids.get((name, nfe)),
         }
         for name, nfe, steps in plan
     ]
@@ -206,10 +220,10 @@ def _columns(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
     return names, nfes
 
 
-def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """Rows NFE, columns solvers, RMSE to 4 significant digits; ``—`` where not run."""
+def markdown_table(records: Sequence[dict[str, Any]], key: str = "rmse") -> str:
+    """Rows NFE, columns solvers, ``key`` (rmse or fid) to 4 significant digits; ``—``: not run."""
     names, nfes = _columns(records)
-    cell = {(r["solver"], r["nfe"]): r["rmse"] for r in records}
+    cell = {(r["solver"], r["nfe"]): r.get(key) for r in records}
     lines = ["| NFE | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for nfe in nfes:
         values = [cell.get((n, nfe)) for n in names]
@@ -220,23 +234,31 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """One row per (solver, NFE): ``solver,nfe,steps,rmse`` (empty where not run)."""
+    """One row per (solver, NFE): ``solver,nfe,steps,rmse,fid`` (empty where not run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["solver", "nfe", "steps", "rmse"])
+        writer = csv.DictWriter(f, fieldnames=["solver", "nfe", "steps", "rmse", "fid"])
         writer.writeheader()
         for r in records:
-            writer.writerow({k: "" if r[k] is None else r[k] for k in writer.fieldnames})
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in writer.fieldnames})
     return path
 
 
 def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """``markdown_table`` to ``path``."""
+    """``markdown_table`` to ``path``: RMSE, then FID when it was measured."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown_table(records))
+    path.write_text(_tables(records))
     return path
+
+
+def _tables(records: Sequence[dict[str, Any]]) -> str:
+    """The RMSE table, and the FID table under it when any cell has one."""
+    text = "RMSE to the reference solution\n\n" + markdown_table(records)
+    if any(r.get("fid") is not None for r in records):
+        text += "\nFID\n\n" + markdown_table(records, "fid")
+    return text
 
 
 def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -305,6 +327,18 @@ def bench_parser():
         "--conditional", action="store_true", help="Oracle: condition on the component label."
     )
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 7, 9], help="NFE budgets.")
+    p.add_argument(
+        "--fid_ref",
+        type=str | None,
+        default=None,
+        help="Also score each cell's samples by FID against this reference (cm eval ref).",
+    )
+    p.add_argument(
+        "--feature",
+        type=str,
+        default="inception",
+        help="FID features (with --fid_ref): inception, clip or pkg.module.Class (cm eval).",
+    )
     p.add_argument(
         "--predictor",
         type=str,
@@ -382,6 +416,13 @@ def bench_main(args: Sequence[str]) -> Path:
     from cm.io import load_predictor
 
     predictors = [load_predictor(path) for path in cfg.predictor]
+    suite = None
+    if cfg.fid_ref is not None:
+        from cm.metrics import MetricSuite
+        from cm.metrics.evaluate import resolve_feature
+
+        feature = resolve_feature(cfg.feature)
+        suite = MetricSuite(("fid",), feature, cfg.fid_ref).to(device)
     records = bench_solvers(
         denoiser.to(device),
         shape,
@@ -398,11 +439,12 @@ def bench_main(args: Sequence[str]) -> Path:
         dtype,
         device,
         predictors,
+        suite,
     )
     out = Path(cfg.out)
     write_csv(records, out / "solvers.csv")
     write_markdown(records, out / "solvers.md")
     write_plot(records, out / "solvers.png", f"{title}, {cfg.schedule} grid, {cfg.num} seeds")
-    print(markdown_table(records))
+    print(_tables(records))
     print(f"Wrote solvers.csv, solvers.md and solvers.png to {out}")
     return out

@@ -18,6 +18,7 @@ EXTRA_COMMANDS = """extra subcommands:
   export   write a bare denoiser (safetensors + config.json) from a checkpoint (cm export --help)
   data     inspect a dataset on disk: image count, shape, labels, preview grid (cm data --help)
   bench    solvers: RMSE vs NFE of every solver (and AMED predictors), table + plot
+  edit     zero-shot inpaint/colorize/superres/sdedit/denoise/interpolate (cm edit -h)
   eval     FID/IS/KID/precision/recall of a samples .npz against reference statistics (cm eval -h)
   weights  check or fetch the pretrained weights cm uses (Inception, VGG, CLIP) (cm weights -h)
 """
@@ -251,6 +252,10 @@ def main(args: Sequence[str] | None = None) -> None:
             from cm.bench import bench_main
 
             bench_main(rest)
+        case ["edit", *rest]:
+            from cm.editing.cli import edit_main
+
+            edit_main(rest)
         case ["weights", *rest]:
             from cm.weights import weights_main
 

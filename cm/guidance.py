@@ -15,7 +15,23 @@ from torch import Tensor, nn
 Classifier = Callable[[Tensor, Tensor], Tensor]
 
 
-class ClassifierFreeGuidance(nn.Module):
+class GuidedDenoiser(nn.Module):
+    """A guidance wrapper that still looks like its denoiser (``net``, ``sigmas``, ...).
+
+    Unknown attributes fall through to the wrapped denoiser, so samplers round a discrete
+    model's grid (``round_sigma``) and read its network exactly as without guidance.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "denoiser":
+                raise
+            return getattr(super().__getattr__("denoiser"), name)
+
+
+class ClassifierFreeGuidance(GuidedDenoiser):
     """Ho & Salimans 2022, Eq. 6: ``D = D(x; sigma, 0) + s (D(x; sigma, y) - D(x; sigma, 0))``.
 
     ``scale`` 1 is the conditional denoiser, 0 the unconditional one, and ``s = 1 + w`` in the
@@ -53,7 +69,7 @@ def cfg(denoiser: nn.Module, scale: float, uncond_labels: Tensor | None = None) 
     return ClassifierFreeGuidance(denoiser, scale, uncond_labels)
 
 
-class ClassifierGuidance(nn.Module):
+class ClassifierGuidance(GuidedDenoiser):
     """Dhariwal & Nichol 2021, Alg. 1 in EDM form: ``D + s sigma^2 grad_x log p(y | x, sigma)``.
 
     With ``D(x) = E[y | x] = x + sigma^2 grad log p(x)``, adding ``s grad log p(y | x)`` to the

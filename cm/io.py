@@ -12,7 +12,11 @@ the key remaps of ``cm.convert``. EDM's ``network-snapshot-*.pkl`` is a pickle o
 """
 
 import json
+import os
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +64,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     return denoiser.eval()
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` that takes its name only if the block completes.
+
+    A crash or an error leaves the old file (or none) and no partial one: write to the yielded
+    path. The temporary name keeps ``path``'s suffix (``np.savez`` and PIL go by it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}"
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """``[-1, 1]`` NCHW floats to uint8 NHWC (the ``arr_0`` layout of OpenAI's evaluator)."""
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -70,11 +94,11 @@ def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None
     import numpy as np
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images.numpy()}
     if labels is not None:
         arrays["arr_1"] = labels.cpu().numpy()
-    np.savez(path, **arrays)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 

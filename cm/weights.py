@@ -11,8 +11,8 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import urllib.request
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,27 @@ def clip_weights(model: str = "ViT-L-14", pretrained: str = "openai") -> Weights
     return WeightsFile(f"open_clip_{model}_{pretrained}.bin", url, used_by)
 
 
+def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from an open_clip ``.bin``/``.pt`` file or an OpenAI TorchScript archive."""
+    try:
+        is_script = zipfile.is_zipfile(path) and any(
+            name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist()
+        )
+        if is_script:  # OpenAI's published CLIP files are TorchScript modules
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(key, None)
+            return dict(state)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"Cannot read the CLIP weights '{path}' ({type(error).__name__}): download the file "
+            "again (`cm weights fetch clip:MODEL:TAG`)."
+        ) from None
+    state = state.get("state_dict", state)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def weights_dirs() -> list[Path]:
     """Where weights are looked up: ``$CM_WEIGHTS`` then the torch hub cache's checkpoints."""
     dirs = [Path(p) for p in os.environ.get("CM_WEIGHTS", "").split(os.pathsep) if p]
@@ -119,28 +140,26 @@ def fetch(name: str | WeightsFile, directory: str | Path | None = None) -> Path:
         return find(spec)
     except FileNotFoundError:
         pass
+    from cm.io import atomic_path
+
     target_dir = Path(directory) if directory is not None else weights_dirs()[0]
-    target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / spec.filename
-    fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=f".{spec.filename}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url) as response:
-            shutil.copyfileobj(response, out)
-        if spec.sha256_prefix is not None:
-            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-            if not digest.startswith(spec.sha256_prefix):
-                raise ValueError(
-                    f"Download of {spec.url} has SHA-256 {digest[:12]}..., expected "
-                    f"{spec.sha256_prefix}...: retry, or fetch the file by hand."
-                )
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            with tmp.open("wb") as out, urllib.request.urlopen(spec.url) as response:
+                shutil.copyfileobj(response, out)
+            if spec.sha256_prefix is not None:
+                digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+                if not digest.startswith(spec.sha256_prefix):
+                    raise ValueError(
+                        f"Download of {spec.url} has SHA-256 {digest[:12]}..., expected "
+                        f"{spec.sha256_prefix}...: retry, or fetch the file by hand."
+                    )
     except OSError as error:  # no network, DNS, HTTP errors, disk: one sentence, no urllib trace
         raise ConnectionError(
             f"Could not download {spec.url} ({error}): on a machine without network, copy "
             f"'{spec.filename}' into {target_dir} by hand."
         ) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 

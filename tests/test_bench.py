@@ -49,7 +49,7 @@ def test_nfe_counted_equals_budget():
     assert by["dpmpp_2m", 5] == 5 and by["unipc+afs", 5] == 6 and by["heun", 7] == 4
     assert by["heun", 3] == 2 and by["dpm2", 9] == 5
     skipped = bench_solvers(tiny(), SHAPE, 0, [4], ["heun"], range(4), ref_steps=8)
-    assert skipped == [{"solver": "heun", "nfe": 4, "steps": None, "rmse": None}]
+    assert skipped == [{"solver": "heun", "nfe": 4, "steps": None, "rmse": None, "fid": None}]
     assert "| 4 | — |" in markdown_table(skipped)
 
 
@@ -77,7 +77,7 @@ def test_cli_writes_table_csv_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     table = (out / "solvers.md").read_text()
     assert table in printed and "| NFE | euler (ddim) | heun |" in table
-    assert table.count("\n") == 2 + len(NFES) and "| 4 |" not in table
+    assert table.count("\n") == 4 + len(NFES) and "| 4 |" not in table and "FID" not in table
     rows = list(csv.DictReader((out / "solvers.csv").open()))
     assert len(rows) == len(SOLVERS) * len(NFES)
     assert {r["steps"] for r in rows if r["solver"] == "heun" and r["nfe"] == "5"} == {"3"}
@@ -91,8 +91,8 @@ def test_cli_options(tmp_path, capsys):
         + ["--solvers", "ddim", "heun", "--schedule", "logsnr", "--out", str(tmp_path)]
     )
     table = (tmp_path / "solvers.md").read_text()
-    assert table.splitlines()[0] == "| NFE | euler (ddim) | heun |"
-    assert table.splitlines()[2].endswith("| — |")
+    assert table.splitlines()[2] == "| NFE | euler (ddim) | heun |"
+    assert table.splitlines()[4].endswith("| — |")
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,35 @@ def test_function_rejects_bad_budgets():
         bench_solvers(tiny(), SHAPE, nfes=[3, 0])
     with pytest.raises(ValueError, match="Unknown solver"):
         bench_solvers(tiny(), SHAPE, solvers=["heun", "nope"])
+
+
+def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
+    """``--fid_ref``: each cell's samples scored by the metrics suite, as ``cm eval`` would."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from cm.io import to_uint8
+    from cm.metrics import MetricSuite
+    from cm.metrics.digits import DigitsFeatures
+    from cm.solvers import Sampler, ipndm
+    from cm.solvers.sampling import SeededNoise
+
+    ref = tmp_path / "digits_ref.npz"
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    feature = "cm.metrics.digits.DigitsFeatures"
+    main(["eval", "ref", "--data", str(quickstart), "--feature", feature, "--out", str(ref)])
+    out = tmp_path / "bench"
+    args = ["--oracle", "mixture", "--std", "0.5", "--num", "12", "--ref_steps", "16"]
+    args += ["--nfe", "3", "5", "--solvers", "euler", "ipndm", "--fid_ref", str(ref)]
+    main(["bench", "solvers", *args, "--feature", feature, "--out", str(out)])
+    rows = {(r["solver"], r["nfe"]): r for r in csv.DictReader((out / "solvers.csv").open())}
+    assert "FID" in (out / "solvers.md").read_text()
+    # The same 12 ipndm samples at NFE 5, scored directly.
+    gm = RandomGaussianMixture(10, 8, 1, 0.5, 0)
+    x_T = SeededNoise(range(12)).randn((1, 8, 8)).double() * 80.0
+    x = ipndm(gm, x_T, Sampler(num_steps=5).grid(gm))
+    suite = MetricSuite(("fid",), DigitsFeatures(), str(ref))
+    suite.update(to_uint8(x.float().clamp(-1, 1)))
+    assert float(rows["ipndm", "5"]["fid"]) == pytest.approx(suite.compute()["fid"], rel=1e-6)
+    assert np.isfinite(float(rows["euler (ddim)", "3"]["fid"]))

@@ -181,6 +181,35 @@ def test_predict_writes_npz(tmp_path):
     assert np.array_equal(np.load(out)["arr_0"], np.load(ref)["arr_0"])
 
 
+def test_two_process_predict_generates_every_seed_once(tmp_path):
+    root = fit(tmp_path / "run", 1)
+    out = tmp_path / "pred.npz"
+    main(
+        [
+            "predict",
+            "--config",
+            QUICKSTART,
+            *TINY,
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+            f"--ckpt_path={last_ckpt(root)}",
+            "--data=cm.training.SeedDataModule",
+            "--data.num=10",
+            "--data.batch_size=2",
+            "--trainer.callbacks+=cm.training.NpzWriter",
+            f"--trainer.callbacks.out={out}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp_spawn",
+        ]
+    )
+    parts = [np.load(tmp_path / f"pred.rank{r}.npz")["arr_0"] for r in range(2)]
+    assert [len(p) for p in parts] == [5, 5]  # contiguous blocks, no seed lost or repeated
+    ref = tmp_path / "ref.npz"
+    main(["sample", "--ckpt_path", str(last_ckpt(root)), "--num", "10", "--out", str(ref)])
+    assert np.array_equal(np.concatenate(parts), np.load(ref)["arr_0"])
+
+
 def test_validate_reports_heldout_loss(tmp_path):
     root = fit(tmp_path / "run", 2, "--data.init_args.val_fraction=0.1")
     main(

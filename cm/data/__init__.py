@@ -1,5 +1,6 @@
 """Datasets of images in [-1, 1] with one-hot labels (see :mod:`cm.data.datasets`, :mod:`.real`)."""
 
+from cm.data.captions import CaptionFolderDataset, read_prompts
 from cm.data.datasets import DigitsDataset, FolderDataset, MixtureDataset
 from cm.data.real import (
     CIFAR10Dataset,
@@ -11,6 +12,7 @@ from cm.data.real import (
 )
 
 __all__ = [
+    "CaptionFolderDataset",
     "CIFAR10Dataset",
     "DigitsDataset",
     "FolderDataset",
@@ -20,4 +22,5 @@ __all__ = [
     "center_crop_arr",
     "load_cifar_batch",
     "open_dataset",
+    "read_prompts",
 ]

@@ -2,6 +2,16 @@
 
 from cm.networks.adm import ADMUNet
 from cm.networks.amed import AMEDPredictor
+from cm.networks.latent_vgg import LatentVGG16BN
 from cm.networks.ncsnpp import NCSNpp
+from cm.networks.stable_diffusion import StableDiffusionDenoiser
+from cm.networks.text import TextEncoder
 
-__all__ = ["ADMUNet", "AMEDPredictor", "NCSNpp"]
+__all__ = [
+    "ADMUNet",
+    "AMEDPredictor",
+    "LatentVGG16BN",
+    "NCSNpp",
+    "StableDiffusionDenoiser",
+    "TextEncoder",
+]

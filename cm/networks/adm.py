@@ -10,6 +10,15 @@ Checkpoint layout: parameters are registered in the same order, with the same sh
 ``nn.Embedding`` table), and the fused ``qkv`` 1x1 convolution is split ``(3, heads, head_dim)``
 like the flash-attention path of openai/consistency_models. ``cm.convert.convert_openai`` maps a
 published state dict onto it by name (and reorders guided-diffusion's legacy attention).
+
+Text conditioning (``context_dim > 0``; Rombach et al. 2022, Sec. 3.3): every attention block
+also gets a cross-attention submodule ``cross`` (``cm.networks.attention.CrossAttention``) whose
+keys and values come from a context of token embeddings. The context travels in the one
+denoiser interface ``D(x, sigma, labels)``: a 3-D ``labels`` ``[N, L, context_dim]`` (e.g. the
+token embeddings of the frozen ``cm.networks.text.TextEncoder``, computed outside the network)
+is the cross-attention context; a 2-D ``labels`` ``[N, label_dim]`` stays a one-hot class label.
+The new parameters only add keys (``...cross.*``) and the output projection is zero-initialised,
+so a converted checkpoint loaded with ``strict=False`` computes its old function at init.
 """
 
 import math
@@ -20,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.networks.attention import CrossAttention
 from cm.networks.embeddings import check_resolution, timestep_embedding
 
 
@@ -113,17 +123,24 @@ class AttentionBlock(nn.Module):
 
     ``x + proj_out(attn(qkv(norm(x))))`` with a fused 1x1 ``qkv`` convolution (channels split as
     ``(3, heads, head_dim)``), softmax scale ``1 / sqrt(head_dim)`` through
-    ``scaled_dot_product_attention``, and a zero-initialised ``proj_out``.
+    ``scaled_dot_product_attention``, and a zero-initialised ``proj_out``; with ``context_dim``
+    followed by cross-attention to a token context (Rombach et al. 2022, Eq. 3).
 
     Args:
         channels: input and output channels.
         num_heads: number of heads, used when ``num_head_channels`` is -1.
         num_head_channels: channels per head; overrides ``num_heads`` unless -1.
         num_groups: maximum number of GroupNorm groups.
+        context_dim: width of the cross-attention context tokens; 0 = self-attention only.
     """
 
     def __init__(
-        self, channels: int, num_heads: int = 4, num_head_channels: int = -1, num_groups: int = 32
+        self,
+        channels: int,
+        num_heads: int = 4,
+        num_head_channels: int = -1,
+        num_groups: int = 32,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         if num_head_channels != -1:
@@ -136,15 +153,22 @@ class AttentionBlock(nn.Module):
         self.norm = group_norm(channels, num_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+        # Registered last and only when asked for: the OpenAI key layout is unchanged.
+        self.cross = (
+            CrossAttention(channels, context_dim, num_heads, num_groups) if context_dim else None
+        )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Attend over the ``H * W`` positions of ``x`` ``[N, C, H, W]``."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Attend over the ``H * W`` positions of ``x`` ``[N, C, H, W]``, then to ``context``."""
         n, c, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, -1)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [N, heads, HW, head_dim]
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(n, c, height, width)
-        return x + self.proj_out(h)
+        x = x + self.proj_out(h)
+        if self.cross is not None and context is not None:
+            x = self.cross(x, context)
+        return x
 
 
 class Downsample(nn.Module):
@@ -183,12 +207,17 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.ModuleList):
-    """A sequence of ADM layers (Dhariwal & Nichol 2021); residual blocks also receive ``emb``."""
+    """ADM layers in order (Dhariwal & Nichol 2021); res blocks get ``emb``, attention context."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
         """Apply the layers in order."""
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -222,6 +251,9 @@ class ADMUNet(nn.Module):
         conv_resample: learned convolutions in plain up/down-sampling (when not
             ``resblock_updown``).
         num_groups: GroupNorm groups (``gcd(num_groups, channels)`` for narrow layers).
+        context_dim: width of text-token context ``[N, L, context_dim]`` passed as 3-D
+            ``labels``; every attention block then also cross-attends to it (Rombach et al.
+            2022). 0 = no cross-attention.
     """
 
     def __init__(
@@ -241,6 +273,7 @@ class ADMUNet(nn.Module):
         use_scale_shift_norm: bool = True,
         conv_resample: bool = True,
         num_groups: int = 32,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         check_resolution(img_resolution, channel_mult)
@@ -248,6 +281,7 @@ class ADMUNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.label_dim = label_dim
+        self.context_dim = context_dim
         self.model_channels = model_channels
         emb_ch = 4 * model_channels
 
@@ -255,7 +289,7 @@ class ADMUNet(nn.Module):
             return ResBlock(cin, cout, emb_ch, dropout, use_scale_shift_norm, resample, num_groups)
 
         def attention(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads, num_head_channels, num_groups)
+            return AttentionBlock(ch, num_heads, num_head_channels, num_groups, context_dim)
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
@@ -313,19 +347,28 @@ class ADMUNet(nn.Module):
             x: network input (already scaled by the preconditioner's ``c_in``).
             c_noise: noise conditioning, one float per sample (a scalar broadcasts).
             labels: one-hot (or soft) class labels ``[N, label_dim]``; ``None`` or all-zero rows
-                give no class embedding. Ignored when ``label_dim == 0``.
+                give no class embedding. Ignored when ``label_dim == 0``. With ``context_dim``,
+                text-token context ``[N, L, context_dim]`` for the cross-attention instead.
         """
         c_noise = c_noise.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(c_noise, self.model_channels))
-        if self.label_embed is not None and labels is not None:
+        context = None
+        if labels is not None and labels.ndim == 3:
+            if labels.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"Text context of width {labels.shape[-1]} given to an ADMUNet with "
+                    f"context_dim={self.context_dim}: set model context_dim to the encoder width."
+                )
+            context = labels
+        elif self.label_embed is not None and labels is not None:
             emb = emb + self.label_embed(labels.to(emb.dtype))
 
         h = x
         hs = []
         for block in self.encoder:
-            h = block(h, emb)
+            h = block(h, emb, context)
             hs.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, context)
         for block in self.decoder:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out_conv(F.silu(self.out_norm(h)))

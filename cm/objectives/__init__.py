@@ -1,12 +1,14 @@
 """Training objectives ``objective(denoiser, x0, labels, step, total_steps) -> loss[N]``."""
 
 from cm.objectives.amed import AMEDDistillation
+from cm.objectives.augment import augment
 from cm.objectives.base import Objective, copy_net_weights
 from cm.objectives.consistency import ConsistencyObjective, ConsistencyTraining
 from cm.objectives.ddpm import DDPMLoss
 from cm.objectives.denoising import DenoisingScoreMatching
 from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
 from cm.objectives.distillation import ConsistencyDistillation
+from cm.objectives.elatentlpips import ELatentLPIPS
 from cm.objectives.progressive import ProgressiveDistillation
 
 __all__ = [
@@ -18,9 +20,11 @@ __all__ = [
     "ConsistencyTraining",
     "DDPMLoss",
     "DenoisingScoreMatching",
+    "ELatentLPIPS",
     "Objective",
     "ProgressiveDistillation",
     "PseudoHuber",
     "SquaredL2",
+    "augment",
     "copy_net_weights",
 ]

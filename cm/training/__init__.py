@@ -3,14 +3,21 @@
 from cm.training.amed import AMEDModule
 from cm.training.callbacks import SampleGrid
 from cm.training.datamodule import ImageDataModule
+from cm.training.metrics import GenerativeMetrics
 from cm.training.module import DenoiserModule
+from cm.training.pairs import PairDataModule, PairGenerator, PairSeedDataModule, PairWriter
 from cm.training.prediction import NpzWriter, SeedDataModule
 
 __all__ = [
     "AMEDModule",
     "DenoiserModule",
+    "GenerativeMetrics",
     "ImageDataModule",
     "NpzWriter",
+    "PairDataModule",
+    "PairGenerator",
+    "PairSeedDataModule",
+    "PairWriter",
     "SampleGrid",
     "SeedDataModule",
 ]

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 
 class SeedDataModule(L.LightningDataModule):
@@ -34,7 +34,9 @@ class SeedDataModule(L.LightningDataModule):
         seeds = torch.arange(self.seed, self.seed + self.num)[
             rank * per_rank : (rank + 1) * per_rank
         ]
-        return DataLoader(seeds, batch_size=self.batch_size, shuffle=False)
+        # An iterable dataset: Lightning would wrap a map-style one in its own distributed
+        # sampler and split this rank's block again (each rank then produced 1/W of it).
+        return DataLoader(_Seeds(seeds), batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         """All seeds for training on noise alone (AMED: one trajectory per seed and epoch).
@@ -43,6 +45,16 @@ class SeedDataModule(L.LightningDataModule):
         """
         seeds = torch.arange(self.seed, self.seed + self.num)
         return DataLoader(seeds, batch_size=self.batch_size, shuffle=False)
+
+
+class _Seeds(IterableDataset):
+    """The seeds of one rank, in order (iterable, so no sampler is injected)."""
+
+    def __init__(self, seeds: torch.Tensor) -> None:
+        self.seeds = seeds
+
+    def __iter__(self):
+        return iter(self.seeds)
 
 
 class NpzWriter(BasePredictionWriter):

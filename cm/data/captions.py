@@ -1,0 +1,132 @@
+"""Captions next to an image folder or zip, for text-to-image training (Rombach et al. 2022).
+
+Two layouts are read, first found wins:
+
+- ``captions.jsonl``: one JSON object per line, ``{"file": "00000/img00000000.png", "text":
+  "a cat"}`` or, as Hugging Face ``imagefolder``'s ``metadata.jsonl``, ``{"file_name": ...,
+  "caption": ...}``;
+- ``dataset.json`` (EDM's ``dataset_tool.py`` layout) with a ``captions`` key: either a mapping
+  ``{"file": "text"}`` or a list of ``[file, text]`` pairs, like its ``labels``.
+
+File names are relative POSIX paths from the root, as ``FolderDataset.fnames``; every image must
+have a caption.
+"""
+
+import json
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from cm.data.datasets import FolderDataset
+
+CAPTIONS_JSONL = "captions.jsonl"
+FILE_KEYS, TEXT_KEYS = ("file", "file_name"), ("text", "caption")
+
+
+def _pick(entry: dict, keys: tuple[str, ...], line: int) -> str:
+    """The first of ``keys`` present in a ``captions.jsonl`` entry."""
+    for key in keys:
+        if key in entry:
+            return str(entry[key])
+    raise ValueError(
+        f"{CAPTIONS_JSONL} line {line} has none of the keys {', '.join(keys)}: write "
+        '{"file": ..., "text": ...} per line.'
+    )
+
+
+def parse_captions(read: Callable[[str], bytes | None]) -> dict[str, str] | None:
+    """File -> caption from ``captions.jsonl`` or ``dataset.json``'s ``captions``; None if absent.
+
+    Args:
+        read: returns the bytes of a file relative to the data root, or None when it is missing.
+    """
+    raw = read(CAPTIONS_JSONL)
+    if raw is not None:
+        table = {}
+        for i, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if line.strip():
+                entry = json.loads(line)
+                table[_pick(entry, FILE_KEYS, i)] = _pick(entry, TEXT_KEYS, i)
+    else:
+        raw = read("dataset.json")
+        entries = None if raw is None else json.loads(raw).get("captions")
+        if entries is None:
+            return None
+        table = dict(entries.items() if isinstance(entries, dict) else entries)
+    return {name.replace("\\", "/"): str(text) for name, text in table.items()}
+
+
+def captions_for(
+    read: Callable[[str], bytes | None], fnames: Sequence[str], where: str
+) -> list[str]:
+    """The caption of every file in ``fnames``; a clear error if there are none or some miss."""
+    table = parse_captions(read)
+    if table is None:
+        raise FileNotFoundError(
+            f'No captions in \'{where}\': add {CAPTIONS_JSONL} (one {{"file", "text"}} per line) '
+            "or a captions mapping in dataset.json."
+        )
+    missing = [f for f in fnames if f not in table]
+    if missing:
+        raise ValueError(
+            f"The captions of '{where}' miss {len(missing)} image(s), e.g. '{missing[0]}': give "
+            "every image a caption."
+        )
+    return [table[f] for f in fnames]
+
+
+class CaptionFolderDataset(FolderDataset):
+    """An EDM-layout image folder/zip with captions, for text-to-image models (Rombach et al. 2022).
+
+    Item ``i`` is ``(image, caption)``; with a ``text_encoder`` (``cm.networks.text.TextEncoder``)
+    it is ``(image, tokens [max_length, D])``, the cross-attention context that
+    ``ADMUNet(context_dim=D)`` takes as ``labels``, so the training modules run unchanged. The
+    encoder runs per item in the loading process (on the CPU): fine for small sets; for large
+    ones precompute the embeddings. ``label_dim`` is 0: captions are not class labels.
+
+    Args:
+        path: folder or ``.zip`` of images with ``captions.jsonl`` or ``dataset.json`` captions.
+        resolution: expected image size; None accepts the first image's.
+        flip: random horizontal flips.
+        text_encoder: encodes each caption into its token embeddings; None yields the strings.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        resolution: int | None = None,
+        flip: bool = False,
+        text_encoder: Callable[[list[str]], Tensor] | None = None,
+    ) -> None:
+        super().__init__(path, resolution, flip, use_labels=False)
+        self.captions = captions_for(self._read, self.fnames, self.path)
+        self._close()
+        self.text_encoder = text_encoder
+
+    def __getitem__(self, idx: int) -> tuple[Tensor, str | Tensor]:
+        x, _ = super().__getitem__(idx)
+        caption = self.captions[idx]
+        if self.text_encoder is None:
+            return x, caption
+        return x, self.text_encoder([caption])[0]
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a captions file: ``.jsonl`` (``text``/``caption`` per line) or one per line.
+
+    Used for text-to-image ODE pairs, where seed ``s`` gets prompt ``s % len(prompts)``.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except OSError:
+        raise FileNotFoundError(
+            f"No captions file at '{path}': give a .jsonl with a text per line or a .txt with one "
+            "prompt per line."
+        ) from None
+    lines = [line for line in lines if line]
+    if path.endswith(".jsonl"):
+        lines = [_pick(json.loads(line), TEXT_KEYS, i) for i, line in enumerate(lines, 1)]
+    if not lines:
+        raise ValueError(f"The captions file '{path}' holds no prompts.")
+    return lines

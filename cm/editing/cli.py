@@ -1,0 +1,282 @@
+"""``cm edit``: zero-shot inpainting, colorization, super-resolution, SDEdit, denoising, slerp.
+
+Reads PNG/JPEG images (a file or every ``.png``/``.jpg``/``.jpeg`` in a folder, sorted), runs
+Song et al. 2023, Alg. 4 (:func:`cm.editing.edit`) and writes one PNG per result plus a
+side-by-side ``input | result`` PNG per batch. Lightning is imported only through ``cm.cli``'s
+sampler helpers inside :func:`edit_main`.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import ArgumentParser
+from torch import Tensor
+
+from cm.editing.loop import edit, interpolation_alphas, slerp, start
+from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes, half_mask
+from cm.io import Format, atomic_path, save_grid, to_uint8
+from cm.solvers.consistency import multistep, onestep
+from cm.solvers.sampling import SeededNoise
+
+Task = Literal["inpaint", "colorize", "superres", "sdedit", "denoise", "interpolate"]
+SUFFIXES = (".png", ".jpg", ".jpeg")
+MASKS = ("left", "right", "top", "bottom", "center")
+
+
+def edit_parser() -> ArgumentParser:
+    """Arguments of ``cm edit``."""
+    p = ArgumentParser(prog="cm edit", description="Zero-shot image editing (CM paper, Alg. 4).")
+    p.add_argument("--ckpt_path", type=str, required=True, help="A .ckpt or exported denoiser.")
+    p.add_argument("--task", type=Task, required=True, help="What to do with the input images.")
+    p.add_argument(
+        "--input",
+        type=str | None,
+        default=None,
+        help="An image or a folder of PNG/JPEG images at the model's resolution (superres: "
+        "also resolution / patch). Not used by interpolate.",
+    )
+    p.add_argument(
+        "--mask",
+        type=str | None,
+        default=None,
+        help="inpaint: a PNG at the model's resolution, white = fill, black = keep; or one of "
+        "left, right, top, bottom, center (the region to fill).",
+    )
+    p.add_argument("--steps", type=int | None, default=None, help="Karras grid steps.")
+    p.add_argument(
+        "--sigmas",
+        type=list[float] | None,
+        default=None,
+        help="Explicit decreasing grid, e.g. [80.0,24.0,5.0]; a trailing 0 is appended.",
+    )
+    p.add_argument(
+        "--solver",
+        type=str | None,
+        default=None,
+        help="A cm.solvers name or import path; default: the checkpoint's sampler (one-step "
+        "consistency sampling becomes the multistep loop of Alg. 4).",
+    )
+    p.add_argument(
+        "--resample", type=int, default=1, help="RePaint jump-backs per step (diffusion solvers)."
+    )
+    p.add_argument(
+        "--sigma", type=float | None, default=None, help="sdedit/denoise: the starting sigma."
+    )
+    p.add_argument("--patch", type=int, default=4, help="superres: the upsampling factor p.")
+    p.add_argument("--seed2", type=int | None, default=None, help="interpolate: second seed.")
+    p.add_argument("--num_interp", type=int, default=8, help="interpolate: images per row.")
+    p.add_argument(
+        "--class_label",
+        type=int | None,
+        default=None,
+        help="Class for a class-conditional model (default: all classes equally, 1/L each).",
+    )
+    p.add_argument("--seed", type=int, default=0, help="Seed of the first image (one per image).")
+    p.add_argument("--batch_size", type=int, default=64, help="Images per batch.")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
+    p.add_argument("--format", type=Format, default="auto", help="Checkpoint layout (cm sample).")
+    p.add_argument("--denoiser", type=str | None, default=None, help="Architecture YAML (foreign).")
+    p.add_argument("--out", type=str, default="edits", help="Output folder.")
+    return p
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """An image file, or every PNG/JPEG in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"No .png/.jpg images in '{path}': put the inputs there.")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"Input '{path}' does not exist: pass an image or a folder.")
+    return [path]
+
+
+def read_image(path: Path, channels: int, sizes: Sequence[int]) -> Tensor:
+    """One image as ``[channels, H, W]`` in [-1, 1]; gray and RGB are converted, never resized."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        check_size(path, im.size, sizes)
+        im = im.convert("L" if channels == 1 else "RGB")
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    x = x.reshape(im.size[1], im.size[0], channels).permute(2, 0, 1)
+    return x.to(torch.float32) / 127.5 - 1
+
+
+def check_size(path: Path, size: tuple[int, int], sizes: Sequence[int]) -> None:
+    """Raise if an image of ``size = (W, H)`` is not square with a side in ``sizes``."""
+    if size[0] != size[1] or size[0] not in sizes:
+        want = " or ".join(f"{s}x{s}" for s in sizes)
+        raise ValueError(f"'{path}' is {size[0]}x{size[1]}; the model needs {want} (resize it).")
+
+
+def check_images(files: Sequence[Path], sizes: Sequence[int]) -> None:
+    """Check every input's size before anything is written (PIL reads only the headers)."""
+    from PIL import Image
+
+    for f in files:
+        with Image.open(f) as im:
+            check_size(f, im.size, sizes)
+
+
+def read_mask(mask: str | None, resolution: int) -> Tensor:
+    """``Omega [H, W]`` (1 = fill) from a named region or a PNG (white = fill)."""
+    if mask is None:
+        raise ValueError(f"inpaint needs --mask: a PNG (white = fill) or one of {MASKS}.")
+    if mask in MASKS:
+        return half_mask(mask, resolution)
+    if not Path(mask).is_file():
+        raise FileNotFoundError(f"Mask '{mask}' does not exist: pass a PNG or one of {MASKS}.")
+    omega = read_image(Path(mask), 1, [resolution])[0] > 0  # >= 128 of 255
+    return omega.to(torch.float32)
+
+
+def write_png(image: Tensor, path: Path) -> None:
+    """Write a uint8 ``[H, W, C]`` image atomically (temp file, then ``os.replace``)."""
+    from PIL import Image
+
+    a = image.numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(tmp)
+
+
+def write_grid(images: Tensor, path: Path, nrow: int) -> None:
+    """``cm.io.save_grid`` written atomically."""
+    with atomic_path(path) as tmp:
+        save_grid(images, tmp, nrow=nrow)
+
+
+def task_operator(cfg, resolution: int) -> Operator | None:
+    """The ``A``/``Omega`` of a replacement task; None for sdedit, denoise and interpolate."""
+    match cfg.task:
+        case "inpaint":
+            return Inpaint(read_mask(cfg.mask, resolution))
+        case "colorize":
+            return Colorize()
+        case "superres":
+            if resolution % cfg.patch:
+                raise ValueError(f"--patch {cfg.patch} must divide the resolution {resolution}.")
+            return SuperRes(cfg.patch)
+        case _:
+            return None
+
+
+def edit_main(args: Sequence[str]) -> Path:
+    """``cm edit``: Song et al. 2023, Alg. 4 on images from disk; returns the output folder."""
+    from tqdm import tqdm
+
+    from cm.cli import _import_solver, _sampler_from  # lazy: cm.cli imports lightning
+    from cm.io import load_denoiser
+
+    cfg = edit_parser().parse_args(list(args))
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    files = [] if cfg.task == "interpolate" else list_images(_required(cfg.input, cfg.task))
+    denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
+    denoiser = denoiser.to(device)
+    net = getattr(denoiser, "net", denoiser)
+    channels, resolution = int(net.in_channels), int(net.img_resolution)
+    if cfg.task == "colorize" and channels != 3:
+        raise ValueError(f"colorize needs a 3-channel (RGB) model; this one has {channels}.")
+    operator = task_operator(cfg, resolution)
+
+    sampler = _sampler_from(hparams.get("sampler"))
+    solver = _import_solver(cfg.solver) if cfg.solver else sampler.solver
+    solver = multistep if solver is onestep else solver  # Alg. 4 re-noises between steps
+    if cfg.steps is not None:
+        sampler.num_steps, sampler.sigmas = cfg.steps, None
+    if cfg.sigmas is not None:
+        sampler.sigmas = cfg.sigmas
+    if cfg.task in ("sdedit", "denoise") and cfg.sigmas is None:
+        if cfg.sigma is None:
+            raise ValueError(f"{cfg.task} needs --sigma, the noise level to start from.")
+        sampler.sigma_max, sampler.sigmas = cfg.sigma, None
+    sigmas = sampler.grid(denoiser)
+    label_dim = int(getattr(net, "label_dim", 0))
+
+    def labels_for(n: int) -> Tensor | None:
+        if not label_dim:
+            return None
+        if cfg.class_label is None:  # the mean label embedding: no class preferred
+            return torch.full((n, label_dim), 1 / label_dim, device=device)
+        return torch.nn.functional.one_hot(
+            torch.full((n,), cfg.class_label, device=device), label_dim
+        ).float()
+
+    sizes = [resolution, resolution // cfg.patch] if cfg.task == "superres" else [resolution]
+    check_images(files, sizes)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {"solver": solver, "resample": cfg.resample}
+    if cfg.task == "interpolate":
+        _interpolate(
+            cfg,
+            denoiser,
+            sigmas,
+            (channels, resolution, resolution),
+            labels_for,
+            out,
+            device,
+            kwargs,
+        )
+        print(f"Wrote {cfg.num_interp} interpolated images to {out}")
+        return out
+
+    batches = range(0, len(files), cfg.batch_size)
+    for b, first in enumerate(tqdm(batches, desc="cm edit", unit="batch")):
+        chunk = files[first : first + cfg.batch_size]
+        y = torch.stack(
+            [read_image(f, 3 if cfg.task == "colorize" else channels, sizes) for f in chunk]
+        ).to(device)
+        if cfg.task == "superres" and y.shape[-1] != resolution:  # low-res: patch means
+            y = y.repeat_interleave(cfg.patch, -1).repeat_interleave(cfg.patch, -2)
+        noise = SeededNoise(range(cfg.seed + first, cfg.seed + first + len(chunk)), device)
+        sigma0 = float(sigmas[0])
+        x = y if cfg.task == "denoise" else start(y, sigma0, noise.randn(y.shape[1:]), operator)
+        result = edit(
+            denoiser, x, sigmas, labels_for(len(chunk)), y, operator, noise=noise, **kwargs
+        ).clamp(-1, 1)
+        shown = y if operator is None else operator.project(y)  # what the model was given
+        images = to_uint8(result)
+        for f, image in zip(chunk, images, strict=True):
+            write_png(image, out / f"{f.stem}.png")
+        pairs = torch.stack([to_uint8(shown.clamp(-1, 1)), images], 1).flatten(0, 1)
+        write_grid(pairs, out / f"side_by_side_{b:04d}.png", nrow=2)
+    print(f"Wrote {len(files)} edited images to {out}")
+    return out
+
+
+def _required(value: str | None, task: str) -> str:
+    """``--input``, which every task but interpolate needs."""
+    if value is None:
+        raise ValueError(f"{task} needs --input: an image or a folder of images.")
+    return value
+
+
+def _interpolate(cfg, denoiser, sigmas, shape, labels_for, out, device, kwargs) -> None:
+    """Song et al. 2023, Sec. 6.1: slerp the noises of ``--seed`` and ``--seed2``, then sample."""
+    seed2 = cfg.seed + 1 if cfg.seed2 is None else cfg.seed2
+    z0 = SeededNoise([cfg.seed], device).randn(shape)
+    z1 = SeededNoise([seed2], device).randn(shape)
+    alphas = interpolation_alphas(cfg.num_interp).to(device)
+    z = slerp(z0.expand(len(alphas), *shape), z1.expand(len(alphas), *shape), alphas)
+    # Re-noising draws come from one seed for the row, so every alpha sees the same noise.
+    noise = SeededNoise([cfg.seed] * len(alphas), device)
+    x = edit(
+        denoiser,
+        z.float() * float(sigmas[0]),
+        sigmas,
+        labels_for(len(alphas)),
+        noise=noise,
+        **kwargs,
+    ).clamp(-1, 1)
+    images = to_uint8(x)
+    for i, image in enumerate(images):
+        write_png(image, out / f"interp_{i:03d}.png")
+    write_grid(images, out / "interpolation.png", nrow=len(images))

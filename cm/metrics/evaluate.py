@@ -1,0 +1,222 @@
+"""``cm eval``: metrics of a samples ``.npz`` against a reference, and ``cm eval ref`` to build one.
+
+``cm eval samples.npz --ref ref.npz [--metrics fid is kid precision recall] [--json out.json]``
+prints a table and writes JSON (default ``<samples>.metrics.json``).
+``cm eval ref --data config.yaml --out ref.npz [--num N]`` caches the real-image statistics of
+the ``data:`` section of a training YAML (see ``cm.metrics.reference`` for the file layout).
+"""
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cm.io import atomic_path
+from cm.metrics.features import build_extractor, import_feature
+from cm.metrics.reference import compute_reference
+from cm.metrics.suite import METRICS, MetricSuite
+
+FEATURE_HELP = (
+    "Feature extractor: inception (torch-fidelity Inception v3, as published tables), clip "
+    "(open_clip image embeddings of --clip_model/--clip_pretrained), or the import path of an "
+    "nn.Module class with num_features built with no arguments, e.g. pkg.module.Features."
+)
+
+
+def resolve_feature(feature: str) -> str | nn.Module:
+    """``inception``/``clip`` as they are; an import path ``pkg.module.Class`` instantiated."""
+    return feature if feature in ("inception", "clip") else import_feature(feature)
+
+
+def _device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _read_samples(path: Path, hint: str = "write one with `cm sample --out FILE`") -> np.ndarray:
+    """``arr_0`` of a samples ``.npz`` (uint8 NHWC), with one clear error when missing."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Images file '{path}' not found: {hint}.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise ValueError(f"'{path}' has no arr_0 (uint8 images [N, H, W, C]).")
+            return data["arr_0"]
+    except OSError as error:
+        raise ValueError(f"Cannot read samples '{path}' as an .npz ({error}).") from None
+
+
+def _write_json(path: Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically (``cm.io.atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def samples_parser():
+    """Arguments of ``cm eval SAMPLES``."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(
+        prog="cm eval",
+        description="FID/IS/KID/precision/recall of a samples .npz (arr_0 uint8 NHWC) against "
+        "reference statistics; `cm eval ref -h` builds a reference.",
+    )
+    p.add_argument("samples", type=str, help="Samples .npz written by cm sample (arr_0).")
+    p.add_argument(
+        "--ref",
+        type=str | None,
+        default=None,
+        help="Reference .npz from `cm eval ref`, or a guided-diffusion batch (VIRTUAL_*.npz).",
+    )
+    p.add_argument(
+        "--metrics",
+        type=str,
+        nargs="+",
+        default=["fid", "is", "kid", "precision", "recall"],
+        help=f"Metrics among {', '.join(m for m in METRICS if m != 'clip_score')}.",
+    )
+    p.add_argument("--feature", type=str, default="inception", help=FEATURE_HELP)
+    p.add_argument("--batch_size", type=int, default=100, help="Images per forward pass.")
+    p.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size.")
+    p.add_argument("--pr_k", type=int, default=3, help="k of precision/recall.")
+    p.add_argument("--clip_model", type=str, default="ViT-L-14", help="open_clip model.")
+    p.add_argument("--clip_pretrained", type=str, default="openai", help="open_clip tag.")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    p.add_argument(
+        "--json",
+        type=str | None,
+        default=None,
+        help="Output JSON (default <samples>.metrics.json).",
+    )
+    return p
+
+
+def ref_parser():
+    """Arguments of ``cm eval ref``."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(
+        prog="cm eval ref",
+        description="Compute and cache real-image statistics (mu, sigma, feature bank) in an .npz.",
+    )
+    p.add_argument(
+        "--data",
+        type=str,
+        required=True,
+        help="A training YAML whose data: section (class_path/init_args) builds the datamodule, "
+        "or an .npz of uint8 images (arr_0); a guided-diffusion batch keeps its mu/sigma.",
+    )
+    p.add_argument("--out", type=str, required=True, help="Output .npz.")
+    p.add_argument("--num", type=int | None, default=None, help="Number of images (default all).")
+    p.add_argument("--feature", type=str, default="inception", help=FEATURE_HELP)
+    p.add_argument("--batch_size", type=int, default=100, help="Images per forward pass.")
+    p.add_argument("--clip_model", type=str, default="ViT-L-14", help="open_clip model.")
+    p.add_argument("--clip_pretrained", type=str, default="openai", help="open_clip tag.")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    return p
+
+
+def _datamodule_batches(config: Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 NHWC batches of the full dataset of the ``data:`` section of a training YAML."""
+    import lightning as L  # lazily: cm.metrics itself never imports Lightning
+    import yaml
+    from jsonargparse import ArgumentParser
+    from torch.utils.data import DataLoader
+
+    import cm.training  # noqa: F401 - registers cm's datamodules for jsonargparse
+    from cm.io import to_uint8
+
+    if not config.is_file():
+        raise FileNotFoundError(f"Data config '{config}' not found: give a training YAML.")
+    data = (yaml.safe_load(config.read_text()) or {}).get("data")
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(
+            f"'{config}' has no data: section with class_path/init_args (see configs/*.yaml)."
+        )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", fail_untyped=False)
+    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    dm.prepare_data()
+    dm.setup("fit")
+    for x, *_ in DataLoader(dm.full_dataset, batch_size=batch_size, shuffle=False):
+        yield to_uint8(x)  # [-1, 1] -> uint8 NHWC, exactly as cm sample writes samples
+
+
+def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of ``arr_0`` of an images ``.npz``."""
+    images = _read_samples(path, "give an .npz of uint8 images arr_0 or a training YAML")
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+def ref_main(args: Sequence[str]) -> Path:
+    """``cm eval ref``: features of real images to a reference ``.npz``."""
+    cfg = ref_parser().parse_args(list(args))
+    data = Path(cfg.data)
+    gaussian = None
+    if data.suffix == ".npz":
+        batches = _npz_batches(data, cfg.batch_size)
+        with np.load(data, allow_pickle=False) as arrays:
+            # a guided-diffusion batch: keep its published Inception mu/sigma (all its images)
+            published = {"mu", "sigma"} <= set(arrays.files) and "feature" not in arrays.files
+            if published and cfg.feature == "inception" and cfg.num is None:
+                gaussian = (arrays["mu"], arrays["sigma"])
+    else:
+        batches = _datamodule_batches(data, cfg.batch_size)
+    feature = resolve_feature(cfg.feature)
+    extractor = build_extractor(feature, cfg.clip_model, cfg.clip_pretrained)
+    extractor = extractor.to(_device(cfg.device))
+    out = compute_reference(batches, extractor, cfg.out, cfg.num, gaussian)
+    with np.load(out) as ref:
+        print(f"Wrote {int(ref['num_images'])} {extractor.name} reference features to {out}")
+    return out
+
+
+def samples_main(args: Sequence[str]) -> dict[str, float]:
+    """``cm eval SAMPLES``: metrics table on stdout and a JSON file."""
+    cfg = samples_parser().parse_args(list(args))
+    samples = Path(cfg.samples)
+    images = _read_samples(samples)
+    if "clip_score" in cfg.metrics:
+        raise ValueError("clip_score needs captions, which a samples .npz has none of.")
+    suite = MetricSuite(
+        cfg.metrics,
+        resolve_feature(cfg.feature),
+        cfg.ref,
+        cfg.kid_subset_size,
+        cfg.pr_k,
+        cfg.clip_model,
+        cfg.clip_pretrained,
+        device=_device(cfg.device),
+    )
+    for start in range(0, len(images), cfg.batch_size):
+        suite.update(torch.from_numpy(images[start : start + cfg.batch_size]))
+    values = suite.compute()
+    print(f"{'metric':12s} value   ({len(images)} samples vs {cfg.ref})")
+    for name, value in values.items():
+        print(f"{name:12s} {value:.6g}")
+    payload = {
+        "samples": str(samples),
+        "reference": cfg.ref,
+        "num_samples": len(images),
+        "feature": cfg.feature,
+        "metrics": {k: v if math.isfinite(v) else None for k, v in values.items()},
+    }
+    out = Path(cfg.json) if cfg.json else samples.with_name(samples.stem + ".metrics.json")
+    print(f"Wrote {_write_json(out, payload)}")
+    return values
+
+
+def eval_main(args: Sequence[str]) -> dict[str, float] | Path:
+    """``cm eval ref ...`` builds a reference; ``cm eval SAMPLES.npz ...`` evaluates samples."""
+    args = list(args)
+    if args and args[0] == "ref":
+        return ref_main(args[1:])
+    return samples_main(args)

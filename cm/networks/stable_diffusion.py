@@ -1,0 +1,136 @@
+"""Stable Diffusion (Rombach et al. 2022) as a ``cm`` denoiser in latent space, via ``diffusers``.
+
+SD's UNet is a VP ``eps``-prediction model over T = 1000 discrete timesteps, so it is exposed
+exactly like any discrete DDPM (``cm.precond.VPPrecond``): ``sigma_t = sqrt((1 - abar_t) /
+abar_t)`` from the scheduler's betas (``scaled_linear`` for SD 1.x), the nearest trained
+timestep, ``D(z; sigma) = z - sigma eps(z / sqrt(1 + sigma^2), t, c)``. The text context ``c``
+is the ``labels`` argument: CLIP ViT-L/14 token embeddings ``[N, 77, 768]``
+(``cm.networks.text.TextEncoder("ViT-L-14", "openai")`` gives SD 1.x's conditioning). Images
+live in the VAE's latent space scaled by ``scaling_factor`` (0.18215 for SD 1.x): ``encode``
+and ``decode`` map between [-1, 1] pixels and latents. ``diffusers`` is an optional extra.
+"""
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from cm.precond import VPPrecond
+from cm.schedules import vp_sigmas
+
+INSTALL = "pip install diffusers (the optional extra cm[sd])"
+
+
+def _diffusers():
+    """The ``diffusers`` module, or one clear error saying how to install it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(f"The Stable Diffusion teacher needs diffusers: {INSTALL}.") from None
+    return diffusers
+
+
+def scheduler_betas(config: dict) -> Tensor:
+    """DDPM betas ``[T]`` (float64) of a diffusers scheduler config (Ho et al. 2020; SD 1.x)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    match config.get("beta_schedule", "linear"):
+        case "linear":
+            return torch.linspace(start, end, T, dtype=torch.float64)
+        case "scaled_linear":  # SD: linear in sqrt(beta)
+            return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+        case other:
+            raise ValueError(f"Unsupported beta_schedule {other!r}: use linear or scaled_linear.")
+
+
+class _UNetEps(nn.Module):
+    """``eps(x_t, t, c)`` of a diffusers ``UNet2DConditionModel``: the network sees ``t``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.img_resolution = int(unet.config.sample_size)
+        self.in_channels = int(unet.config.in_channels)
+        self.label_dim = 0  # text context, not classes
+        self.context_dim = int(unet.config.cross_attention_dim)
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Predicted noise ``[N, 4, h, w]``; ``labels`` is the context ``[N, L, D]``."""
+        if labels is None or labels.ndim != 3:
+            raise ValueError(
+                "Stable Diffusion needs text token embeddings [N, L, D] as labels "
+                "(cm.networks.text.TextEncoder; the empty caption for unconditional)."
+            )
+        dtype = self.unet.dtype
+        out = self.unet(x.to(dtype), c_noise, encoder_hidden_states=labels.to(dtype))
+        return out.sample
+
+
+class StableDiffusionDenoiser(VPPrecond):
+    """Stable Diffusion's UNet as ``D(z, sigma, labels)`` in EDM coordinates (Rombach et al. 2022).
+
+    The teacher is frozen (eval, no gradients). Latent shape is ``[4, sample_size,
+    sample_size]`` (``self.net.in_channels``, ``self.net.img_resolution``).
+
+    Args:
+        path: a local diffusers pipeline directory with ``unet/``, ``vae/`` and ``scheduler/``.
+        dtype: parameter dtype of the UNet and VAE (``float16`` halves GPU memory).
+        load_vae: also load the VAE for ``encode``/``decode`` (not needed for latent pairs).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        load_vae: bool = True,
+    ) -> None:
+        diffusers = _diffusers()
+        root = Path(path).expanduser()
+        sched = root / "scheduler" / "scheduler_config.json"
+        if not sched.is_file():
+            raise FileNotFoundError(
+                f"No diffusers pipeline at '{root}' (missing {sched.relative_to(root)}): give "
+                "the local directory of a Stable Diffusion checkpoint in diffusers format."
+            )
+        config = json.loads(sched.read_text())
+        if config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(
+                f"'{root}' predicts {config['prediction_type']}; only epsilon is supported."
+            )
+        torch_dtype = getattr(torch, dtype)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(
+            root / "unet", torch_dtype=torch_dtype
+        )
+        betas = scheduler_betas(config)
+        super().__init__(_UNetEps(unet), "linear", len(betas))
+        # Replace VPPrecond's linear table with the scheduler's (SD: scaled_linear).
+        self.betas, self.sigmas = betas, vp_sigmas(betas)
+        self.vae = None
+        if load_vae:
+            self.vae = diffusers.AutoencoderKL.from_pretrained(
+                root / "vae", torch_dtype=torch_dtype
+            )
+        self.scaling_factor = float(self.vae.config.scaling_factor) if self.vae else 0.18215
+        self.path = str(root)
+        self.requires_grad_(False).eval()
+
+    def _need_vae(self) -> nn.Module:
+        if self.vae is None:
+            raise ValueError("This StableDiffusionDenoiser was built with load_vae=False.")
+        return self.vae
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Latents ``z = scaling_factor * E(x)`` (the posterior mean) of images in [-1, 1]."""
+        vae = self._need_vae()
+        posterior = vae.encode(images.to(vae.dtype)).latent_dist
+        return posterior.mean.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] (clamped) ``[N, 3, 8h, 8w]`` of latents ``[N, 4, h, w]``."""
+        vae = self._need_vae()
+        x = vae.decode((latents / self.scaling_factor).to(vae.dtype)).sample
+        return x.float().clamp(-1, 1)
