@@ -34,9 +34,10 @@ def test_vp_schedules():
     assert cos.max().item() == pytest.approx(0.999)
     s = 0.008
     abar = torch.cumprod(1 - cos, 0)
-    expected = math.cos((1 / 1000 + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(
-        s / (1 + s) * math.pi / 2
-    ) ** 2
+    expected = (
+        math.cos((1 / 1000 + s) / (1 + s) * math.pi / 2) ** 2
+        / math.cos(s / (1 + s) * math.pi / 2) ** 2
+    )
     assert abar[0].item() == pytest.approx(expected, rel=1e-12)
     sig = vp_sigmas(lin)
     assert torch.allclose(1 / (1 + sig**2), torch.cumprod(1 - lin, 0), rtol=1e-12)

@@ -79,7 +79,6 @@ def test_label_dropout_rate_and_only_in_training():
     assert seen[0].sum() == 0 and torch.equal(seen[1], y)  # evaluation keeps the labels
 
 
-
 def test_cm_sample_cfg_scale(tmp_path):
     from pathlib import Path
 

@@ -13,8 +13,8 @@ from cm.cli import main
 from cm.io import PretrainedDenoiser
 from cm.solvers import Sampler, SeededNoise, heun
 from cm.solvers.sampling import seed_labels
+from cm.training.pair_data import PairDataModule
 from cm.training.pairs import (
-    PairDataModule,
     PairSeedDataModule,
     plan_shards,
     rank_shards,

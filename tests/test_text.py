@@ -17,7 +17,7 @@ from cm.cli import main
 from cm.data.captions import CaptionFolderDataset, read_prompts
 from cm.networks import ADMUNet
 from cm.networks.text import TextEncoder
-from cm.training.pairs import PairDataModule
+from cm.training.pair_data import PairDataModule
 from cm.weights import clip_weights
 
 TINY_CLIP = "cm-test-tiny-text-clip"

@@ -2,16 +2,20 @@
 
 from cm.networks.adm import ADMUNet
 from cm.networks.amed import AMEDPredictor
+from cm.networks.discriminator import ADMDiscriminator, NCSNppDiscriminator, UNetDiscriminator
 from cm.networks.latent_vgg import LatentVGG16BN
 from cm.networks.ncsnpp import NCSNpp
 from cm.networks.stable_diffusion import StableDiffusionDenoiser
 from cm.networks.text import TextEncoder
 
 __all__ = [
+    "ADMDiscriminator",
     "ADMUNet",
     "AMEDPredictor",
     "LatentVGG16BN",
     "NCSNpp",
+    "NCSNppDiscriminator",
     "StableDiffusionDenoiser",
     "TextEncoder",
+    "UNetDiscriminator",
 ]

@@ -6,6 +6,13 @@ from cm.objectives.base import Objective, copy_net_weights
 from cm.objectives.consistency import ConsistencyObjective, ConsistencyTraining
 from cm.objectives.ddpm import DDPMLoss
 from cm.objectives.denoising import DenoisingScoreMatching
+from cm.objectives.diffusion2gan import (
+    discriminator_gan_loss,
+    generator_gan_loss,
+    is_lazy_step,
+    mix_and_match,
+    r1_penalty,
+)
 from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
 from cm.objectives.distillation import ConsistencyDistillation
 from cm.objectives.elatentlpips import ELatentLPIPS
@@ -26,5 +33,10 @@ __all__ = [
     "PseudoHuber",
     "SquaredL2",
     "augment",
+    "discriminator_gan_loss",
+    "generator_gan_loss",
+    "is_lazy_step",
+    "mix_and_match",
+    "r1_penalty",
     "copy_net_weights",
 ]

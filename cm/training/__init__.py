@@ -3,18 +3,22 @@
 from cm.training.amed import AMEDModule
 from cm.training.callbacks import SampleGrid
 from cm.training.datamodule import ImageDataModule
+from cm.training.diffusion2gan import Diffusion2GANModule
 from cm.training.metrics import GenerativeMetrics
 from cm.training.module import DenoiserModule
-from cm.training.pairs import PairDataModule, PairGenerator, PairSeedDataModule, PairWriter
+from cm.training.pair_data import PairDataModule, PairDataset
+from cm.training.pairs import PairGenerator, PairSeedDataModule, PairWriter
 from cm.training.prediction import NpzWriter, SeedDataModule
 
 __all__ = [
     "AMEDModule",
     "DenoiserModule",
+    "Diffusion2GANModule",
     "GenerativeMetrics",
     "ImageDataModule",
     "NpzWriter",
     "PairDataModule",
+    "PairDataset",
     "PairGenerator",
     "PairSeedDataModule",
     "PairWriter",

@@ -1,0 +1,226 @@
+"""``Diffusion2GANModule``: a one-step conditional GAN distilled from ODE pairs (Kang et al. 2024).
+
+Manual optimization, one generator (G) and one discriminator (D) step per batch of teacher ODE
+pairs ``(z, x, c)`` (``cm.training.PairDataModule``):
+
+- G step (Kang et al. 2024, Eq. 2 + Eq. 5): ``x_hat = G(z * sigma_max, sigma_max, c)``,
+  ``L_G = d(x_hat, x) + lambda_GAN * softplus(-D(x_hat, z, c))`` with any distance object
+  (``cm.objectives.LPIPS``, ``ELatentLPIPS``, ``SquaredL2``, ...); ``lambda_GAN = 0`` is the
+  regression-only student ("teacher-free" in the sense that no teacher runs during training).
+  The adversarial term starts after ``gan_start`` iterations (GAN warm-up; D trains from the start).
+- D step (Sec. 4.2): per-position non-saturating loss on real ``(x, z, c)`` versus fake
+  ``(x_hat, z, c)``, a ``mix_fraction`` of whose rows are real images of *other* rows
+  (mix-and-match), plus single-sample R1 every ``r1_interval`` iterations (lazy, scaled by the
+  interval as in StyleGAN2).
+
+Lightning traps handled here: ``trainer.global_step`` counts every ``LightningOptimizer.step``;
+the D step goes straight through the strategy (precision plugin included) so that
+``global_step`` counts G iterations, and ``trainer.max_steps``, ``SampleGrid`` intervals and the
+data stream's resume position keep their ``DenoiserModule`` meaning. Lazy R1, EMA and the RNG
+use the module's own iteration counter (saved in checkpoints). Trainer-level gradient clipping
+is not allowed with manual optimization: use ``gradient_clip_val`` here. Under DDP G and D are
+wrapped together and each step leaves the other's parameters unused, so multi-GPU configs use
+``strategy: ddp_find_unused_parameters_true``. The teacher (a ``cm.io.PretrainedDenoiser``) only
+initialises G and D and is never stored.
+"""
+
+import copy
+import os
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+
+from cm.data.stream import step_seed
+from cm.ema import EMA
+from cm.objectives.base import copy_net_weights
+from cm.objectives.diffusion2gan import (
+    discriminator_gan_loss,
+    generator_gan_loss,
+    is_lazy_step,
+    mix_and_match,
+    r1_penalty,
+)
+from cm.solvers.sampling import Sampler
+from cm.training.module import DenoiserModule
+
+
+class Diffusion2GANModule(L.LightningModule):
+    """Diffusion2GAN training (Kang et al. 2024, Sec. 3-4): regression + conditional GAN.
+
+    Args:
+        denoiser: the generator G, a denoiser (e.g. ``cm.precond.EDMPrecond`` around the
+            teacher's network) called once at ``sampler``'s ``sigma_max``.
+        distance: the regression distance ``d(x_hat, x) -> [N]`` (Eq. 2), e.g.
+            ``cm.objectives.LPIPS``, ``cm.objectives.ELatentLPIPS`` or ``cm.objectives.SquaredL2``.
+        discriminator: ``D(x, z, labels) -> list of logit maps``, e.g.
+            ``cm.networks.ADMDiscriminator``; None (or ``lambda_gan = 0``): regression only.
+        teacher: the diffusion teacher whose network initialises G and D (e.g. a
+            ``cm.io.PretrainedDenoiser``); None keeps their initialisation.
+        init_generator: a denoiser whose network initialises G instead of the teacher's, e.g.
+            the regression-only student's checkpoint as a ``cm.io.PretrainedDenoiser``, to
+            fine-tune it with the GAN loss (D still starts from the teacher).
+        optimizer: G's optimizer factory.
+        discriminator_optimizer: D's optimizer factory.
+        lambda_gan: weight of G's non-saturating GAN loss (Eq. 5).
+        r1_gamma: R1 weight ``gamma``.
+        r1_interval: apply R1 every this many iterations (lazy regularisation; 0 disables R1).
+        mix_fraction: share of D's fake rows replaced by mismatched real images (mix-and-match).
+        gan_start: iterations of pure regression before G gets the GAN loss (warm-up).
+        gradient_clip_val: clip each network's gradient norm to this (None: no clipping).
+        ema: evaluation EMA of G; None samples with the online weights.
+        sampler: how samples are drawn; the default (``cm.solvers.consistency.onestep``) is the
+            one-step generator, and its ``sigma_max`` is G's input noise level in training too.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        distance: nn.Module,
+        discriminator: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        init_generator: nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
+        lambda_gan: float = 0.0,
+        r1_gamma: float = 1.0,
+        r1_interval: int = 16,
+        mix_fraction: float = 0.25,
+        gan_start: int = 0,
+        gradient_clip_val: float | None = None,
+        ema: EMA | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
+        super().__init__()
+        # As DenoiserModule: under the CLI the YAML config becomes the hparams (cm sample and
+        # load_checkpoint rebuild the denoiser from it); built in Python nothing is pickled.
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()
+        self.automatic_optimization = False
+        if lambda_gan < 0 or r1_gamma < 0 or r1_interval < 0 or gan_start < 0:
+            raise ValueError("lambda_gan, r1_gamma, r1_interval and gan_start must be >= 0.")
+        if not 0 <= mix_fraction <= 1:
+            raise ValueError(f"mix_fraction must lie in [0, 1], got {mix_fraction}.")
+        if lambda_gan > 0 and discriminator is None:
+            raise ValueError("lambda_gan > 0 needs a discriminator (e.g. ADMDiscriminator).")
+        if init_generator is not None or teacher is not None:
+            copy_net_weights(denoiser, init_generator if init_generator is not None else teacher)
+        if teacher is not None and discriminator is not None:
+            discriminator.init_from(teacher)
+        self.denoiser = denoiser
+        self.distance = distance
+        # Without the GAN term the discriminator would never be used: keep it out entirely.
+        self.discriminator = discriminator if lambda_gan > 0 else None
+        self.optimizer_factory, self.d_optimizer_factory = optimizer, discriminator_optimizer
+        self.lambda_gan, self.r1_gamma, self.r1_interval = lambda_gan, r1_gamma, r1_interval
+        self.mix_fraction, self.gan_start = mix_fraction, gan_start
+        self.gradient_clip_val = gradient_clip_val
+        self.ema = ema
+        self.ema_denoiser = None
+        if ema is not None:
+            self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
+        self.sampler = sampler if sampler is not None else Sampler()
+        self.iteration = 0
+
+    # Sampling, shapes and data checks are DenoiserModule's (same attribute names).
+    eval_denoiser = DenoiserModule.eval_denoiser
+    net = DenoiserModule.net
+    image_shape = DenoiserModule.image_shape
+    label_dim = DenoiserModule.label_dim
+    setup = DenoiserModule.setup
+    generate = DenoiserModule.generate
+    predict_step = DenoiserModule.predict_step
+
+    @property
+    def sigma_max(self) -> float:
+        """G's input noise level: the first sigma of the sampler's grid (``onestep``'s ``T``)."""
+        return float(self.sampler.grid(self.denoiser)[0])
+
+    def configure_optimizers(self):  # noqa: D102 - Lightning hook
+        opt_g = self.optimizer_factory(self.denoiser.parameters())
+        if self.discriminator is None:
+            return opt_g
+        return [opt_g, self.d_optimizer_factory(self.discriminator.parameters())]
+
+    def _step(self, optimizer, loss: Tensor, count: bool = True) -> None:
+        """Backward, clip and step one optimizer (``count=False``: not in ``global_step``)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
+        if count:
+            optimizer.step()
+        else:
+            # LightningOptimizer.step = count + strategy.optimizer_step; skip the count only.
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, lambda: None)
+
+    def generator_loss(self, z: Tensor, x: Tensor, labels: Tensor | None) -> tuple[Tensor, ...]:
+        """``x_hat`` and ``L_G = d(x_hat, x) + lambda_GAN * L_GAN`` (Kang et al. Eq. 2, 5)."""
+        sigma = self.sigma_max
+        x_hat = self.denoiser(z * sigma, z.new_full((z.shape[0],), sigma), labels)
+        reg = self.distance(x_hat, x).mean()
+        adv = torch.zeros((), device=z.device)
+        if self.discriminator is not None and self.iteration >= self.gan_start:
+            # D's weights get no gradient from G's loss (and stay untouched by G's optimizer).
+            self.discriminator.requires_grad_(False)
+            adv = generator_gan_loss(self.discriminator(x_hat, z, labels)).mean()
+            self.discriminator.requires_grad_(True)
+        return x_hat, reg, adv, reg + self.lambda_gan * adv
+
+    def discriminator_loss(
+        self, z: Tensor, x: Tensor, x_hat: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """D's GAN loss on real vs. mix-and-matched fakes, and lazy single-sample R1 (Sec. 4.2)."""
+        D = self.discriminator
+        fake, _ = mix_and_match(x, x_hat.detach(), z, labels, self.mix_fraction)
+        real_logits, fake_logits = D(x, z, labels), D(fake, z, labels)
+        loss = discriminator_gan_loss(real_logits, fake_logits).mean()
+        r1 = torch.zeros((), device=z.device)
+        if self.r1_gamma > 0 and is_lazy_step(self.iteration, self.r1_interval):
+            index = int(torch.randint(x.shape[0], ()))
+            # Lazy: the penalty applied every r1_interval steps carries r1_interval times its
+            # weight, so its average strength matches R1 on every step (StyleGAN2, Sec. 3.1).
+            r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index) * self.r1_interval
+        score = torch.stack([m.mean() for m in real_logits]).mean().detach()
+        return loss, r1, score
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        """One G step, then one D step (when there is a discriminator), on ``(z, x, c)`` pairs."""
+        z, x, labels = batch
+        labels = labels if labels.numel() > 0 else None
+        optimizers = self.optimizers()
+        opt_g = optimizers[0] if isinstance(optimizers, list) else optimizers
+
+        x_hat, reg, adv, loss_g = self.generator_loss(z, x, labels)
+        self._step(opt_g, loss_g)
+        if self.ema is not None:
+            batch_size = z.shape[0] * self.trainer.world_size
+            self.ema.update(self.ema_denoiser, self.denoiser, self.iteration, batch_size)
+        logs = {"train/loss": loss_g.detach(), "train/regression": reg.detach()}
+
+        if self.discriminator is not None:
+            loss_d, r1, score = self.discriminator_loss(z, x, x_hat, labels)
+            self._step(optimizers[1], loss_d + r1, count=False)
+            logs.update({"train/gan_g": adv.detach(), "train/gan_d": loss_d.detach()})
+            logs["train/d_real"] = score
+            if is_lazy_step(self.iteration, self.r1_interval):
+                logs["train/r1"] = r1.detach()
+        self.log("train/loss", logs.pop("train/loss"), prog_bar=True)
+        self.log_dict(logs)
+        self.iteration += 1
+
+    def on_train_batch_start(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        """Seed the global RNG from ``(run seed, iteration, rank)`` (as ``DenoiserModule``)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(step_seed(seed, self.iteration, self.global_rank, 1))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the iteration counter (lazy R1, EMA, warm-up and RNG depend on it)."""
+        checkpoint["diffusion2gan_iteration"] = self.iteration
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the iteration counter."""
+        self.iteration = int(checkpoint.get("diffusion2gan_iteration", 0))
