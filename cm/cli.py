@@ -262,8 +262,9 @@ def main(args: Sequence[str] | None = None) -> None:
             weights_main(rest)
         case ["eval", *rest]:
             from cm.metrics.evaluate import eval_main
+            from cm.training.datamodule import config_batches
 
-            eval_main(rest)
+            eval_main(rest, config_batches)
         case ["bench", *_]:
             raise ValueError("cm bench has one benchmark: cm bench solvers (see its --help).")
         case _:

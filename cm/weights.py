@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,6 +94,34 @@ def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     state = state.get("state_dict", state)
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_open_clip(model: str = "ViT-L-14", pretrained: str = "openai") -> tuple[Any, dict]:
+    """The open_clip ``model`` with the offline ``pretrained`` weights (frozen, eval), and its cfg.
+
+    The file comes from ``find(clip_weights(model, pretrained))`` (one clear error when missing);
+    a file that does not fit the architecture is one clear error too.
+    """
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    path = find(clip_weights(model, pretrained))
+    cfg = get_pretrained_cfg(model, pretrained)
+    clip = open_clip.create_model(
+        model, pretrained=None, force_quick_gelu=bool(cfg.get("quick_gelu", False))
+    )
+    state = load_clip_state_dict(path)
+    if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "logit_bias"]
+    if missing or unexpected:
+        raise ValueError(
+            f"'{path}' does not fit open_clip's {model} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]!r}): check "
+            "that the model and pretrained tag name the file's architecture."
+        )
+    return clip.eval().requires_grad_(False), cfg
 
 
 def weights_dirs() -> list[Path]:

@@ -157,9 +157,8 @@ def test_missing_checkpoint_is_clear(tmp_path):
         main(["sample", "--ckpt_path", str(tmp_path / "nope.ckpt")])
 
 
-def test_predict_writes_npz(tmp_path):
-    root = fit(tmp_path / "run", 2)
-    out = tmp_path / "pred.npz"
+def predict(root: Path, out: Path, num: int, *extra: str) -> None:
+    """``cm predict`` of seeds ``0 .. num - 1`` with the last checkpoint under ``root``."""
     main(
         [
             "predict",
@@ -170,12 +169,19 @@ def test_predict_writes_npz(tmp_path):
             f"--trainer.logger.init_args.save_dir={root}",
             f"--ckpt_path={last_ckpt(root)}",
             "--data=cm.training.SeedDataModule",
-            "--data.num=5",
+            f"--data.num={num}",
             "--data.batch_size=2",
             "--trainer.callbacks+=cm.training.NpzWriter",
             f"--trainer.callbacks.out={out}",
+            *extra,
         ]
     )
+
+
+def test_predict_writes_npz(tmp_path):
+    root = fit(tmp_path / "run", 2)
+    out = tmp_path / "pred.npz"
+    predict(root, out, 5)
     ref = tmp_path / "ref.npz"
     main(["sample", "--ckpt_path", str(last_ckpt(root)), "--num", "5", "--out", str(ref)])
     assert np.array_equal(np.load(out)["arr_0"], np.load(ref)["arr_0"])
@@ -183,26 +189,8 @@ def test_predict_writes_npz(tmp_path):
 
 def test_two_process_predict_generates_every_seed_once(tmp_path):
     root = fit(tmp_path / "run", 1)
-    out = tmp_path / "pred.npz"
-    main(
-        [
-            "predict",
-            "--config",
-            QUICKSTART,
-            *TINY,
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-            f"--ckpt_path={last_ckpt(root)}",
-            "--data=cm.training.SeedDataModule",
-            "--data.num=10",
-            "--data.batch_size=2",
-            "--trainer.callbacks+=cm.training.NpzWriter",
-            f"--trainer.callbacks.out={out}",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp_spawn",
-        ]
-    )
+    devices = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"]
+    predict(root, tmp_path / "pred.npz", 10, *devices)
     parts = [np.load(tmp_path / f"pred.rank{r}.npz")["arr_0"] for r in range(2)]
     assert [len(p) for p in parts] == [5, 5]  # contiguous blocks, no seed lost or repeated
     ref = tmp_path / "ref.npz"

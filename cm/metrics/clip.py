@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from cm.metrics.features import no_autocast
-from cm.weights import clip_weights, find, load_clip_state_dict
+from cm.weights import load_open_clip
 
 # open_clip's defaults when neither the pretrained tag nor the model config names a normalization
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,25 +38,8 @@ class ClipEncoder(nn.Module):
     def __init__(self, model: str = "ViT-L-14", pretrained: str = "openai") -> None:
         super().__init__()
         import open_clip
-        from open_clip.pretrained import get_pretrained_cfg
 
-        path = find(clip_weights(model, pretrained))  # one clear error when missing
-        cfg = get_pretrained_cfg(model, pretrained)
-        self.model = open_clip.create_model(
-            model, pretrained=None, force_quick_gelu=bool(cfg.get("quick_gelu", False))
-        )
-        state = load_clip_state_dict(path)
-        if "logit_scale" in state and state["logit_scale"].ndim != self.model.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(self.model.logit_scale.shape)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "logit_bias"]
-        if missing or unexpected:
-            raise ValueError(
-                f"'{path}' does not fit open_clip's {model} ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]!r}): check "
-                "that --clip_model and --clip_pretrained name the file's architecture."
-            )
-        self.model.eval().requires_grad_(False)
+        self.model, cfg = load_open_clip(model, pretrained)
         self.tokenizer = open_clip.get_tokenizer(model)
         size = self.model.visual.image_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)

@@ -8,7 +8,7 @@ the ``data:`` section of a training YAML (see ``cm.metrics.reference`` for the f
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,32 +123,6 @@ def ref_parser():
     return p
 
 
-def _datamodule_batches(config: Path, batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 NHWC batches of the full dataset of the ``data:`` section of a training YAML."""
-    import lightning as L  # lazily: cm.metrics itself never imports Lightning
-    import yaml
-    from jsonargparse import ArgumentParser
-    from torch.utils.data import DataLoader
-
-    import cm.training  # noqa: F401 - registers cm's datamodules for jsonargparse
-    from cm.io import to_uint8
-
-    if not config.is_file():
-        raise FileNotFoundError(f"Data config '{config}' not found: give a training YAML.")
-    data = (yaml.safe_load(config.read_text()) or {}).get("data")
-    if not isinstance(data, dict) or "class_path" not in data:
-        raise ValueError(
-            f"'{config}' has no data: section with class_path/init_args (see configs/*.yaml)."
-        )
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningDataModule, "data", fail_untyped=False)
-    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
-    dm.prepare_data()
-    dm.setup("fit")
-    for x, *_ in DataLoader(dm.full_dataset, batch_size=batch_size, shuffle=False):
-        yield to_uint8(x)  # [-1, 1] -> uint8 NHWC, exactly as cm sample writes samples
-
-
 def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
     """Batches of ``arr_0`` of an images ``.npz``."""
     images = _read_samples(path, "give an .npz of uint8 images arr_0 or a training YAML")
@@ -156,8 +130,14 @@ def _npz_batches(path: Path, batch_size: int) -> Iterator[np.ndarray]:
         yield images[start : start + batch_size]
 
 
-def ref_main(args: Sequence[str]) -> Path:
-    """``cm eval ref``: features of real images to a reference ``.npz``."""
+def ref_main(
+    args: Sequence[str], yaml_batches: Callable[[Path, int], Iterator[torch.Tensor]] | None = None
+) -> Path:
+    """``cm eval ref``: features of real images to a reference ``.npz``.
+
+    ``yaml_batches(config, batch_size)`` reads the datamodule of a training YAML (the CLI passes
+    ``cm.training.datamodule.config_batches``; ``cm.metrics`` does not import Lightning).
+    """
     cfg = ref_parser().parse_args(list(args))
     data = Path(cfg.data)
     gaussian = None
@@ -168,8 +148,10 @@ def ref_main(args: Sequence[str]) -> Path:
             published = {"mu", "sigma"} <= set(arrays.files) and "feature" not in arrays.files
             if published and cfg.feature == "inception" and cfg.num is None:
                 gaussian = (arrays["mu"], arrays["sigma"])
+    elif yaml_batches is not None:
+        batches = yaml_batches(data, cfg.batch_size)
     else:
-        batches = _datamodule_batches(data, cfg.batch_size)
+        raise ValueError(f"Reading the data config '{data}' needs the cm CLI: cm eval ref --data.")
     feature = resolve_feature(cfg.feature)
     extractor = build_extractor(feature, cfg.clip_model, cfg.clip_pretrained)
     extractor = extractor.to(_device(cfg.device))
@@ -214,9 +196,11 @@ def samples_main(args: Sequence[str]) -> dict[str, float]:
     return values
 
 
-def eval_main(args: Sequence[str]) -> dict[str, float] | Path:
+def eval_main(
+    args: Sequence[str], yaml_batches: Callable[[Path, int], Iterator[torch.Tensor]] | None = None
+) -> dict[str, float] | Path:
     """``cm eval ref ...`` builds a reference; ``cm eval SAMPLES.npz ...`` evaluates samples."""
     args = list(args)
     if args and args[0] == "ref":
-        return ref_main(args[1:])
+        return ref_main(args[1:], yaml_batches)
     return samples_main(args)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cm.weights import clip_weights, find, load_clip_state_dict
+from cm.weights import load_open_clip
 
 
 class TextEncoder(nn.Module):
@@ -41,26 +41,8 @@ class TextEncoder(nn.Module):
     ) -> None:
         super().__init__()
         import open_clip
-        from open_clip.pretrained import get_pretrained_cfg
 
-        # The CLIP score's reader handles state dicts and OpenAI's TorchScript archives alike.
-
-        path = find(clip_weights(model, pretrained))  # one clear error when missing
-        cfg = get_pretrained_cfg(model, pretrained)
-        clip = open_clip.create_model(
-            model, pretrained=None, force_quick_gelu=bool(cfg.get("quick_gelu", False))
-        )
-        state = load_clip_state_dict(path)
-        if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
-        missing, unexpected = clip.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "logit_bias"]
-        if missing or unexpected:
-            raise ValueError(
-                f"'{path}' does not fit open_clip's {model} ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]!r}): check "
-                "that model and pretrained name the file's architecture."
-            )
+        clip, _ = load_open_clip(model, pretrained)
         del clip.visual  # text only: the image tower is half of the memory
         self.model = clip.requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model)

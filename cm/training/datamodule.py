@@ -1,6 +1,8 @@
 """``ImageDataModule``: one LightningDataModule for toy data, image folders, published datasets."""
 
 import copy
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -243,3 +245,27 @@ def _published_class(dataset: str) -> type | None:
             return LSUNDataset
         case _:
             return None
+
+
+def config_batches(config: Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 NHWC batches of the full dataset of the ``data:`` section of a training YAML."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    import cm.training  # noqa: F401 - registers cm's datamodules for jsonargparse
+    from cm.io import to_uint8
+
+    if not config.is_file():
+        raise FileNotFoundError(f"Data config '{config}' not found: give a training YAML.")
+    data = (yaml.safe_load(config.read_text()) or {}).get("data")
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(
+            f"'{config}' has no data: section with class_path/init_args (see configs/*.yaml)."
+        )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", fail_untyped=False)
+    dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    dm.prepare_data()
+    dm.setup("fit")
+    for x, *_ in DataLoader(dm.full_dataset, batch_size=batch_size, shuffle=False):
+        yield to_uint8(x)  # [-1, 1] -> uint8 NHWC, exactly as cm sample writes samples
