@@ -406,12 +406,10 @@ def bench_main(args: Sequence[str]) -> Path:
         label_dim = cfg.num_components if cfg.conditional else 0
         dtype, title = torch.float64, f"mixture K={cfg.num_components} std={cfg.std}"
     else:
-        from cm.io import load_denoiser
+        from cm.io import image_spec, load_denoiser
 
         denoiser, _ = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
-        net = getattr(denoiser, "net", denoiser)
-        shape = (net.in_channels, net.img_resolution, net.img_resolution)
-        label_dim, dtype = int(getattr(net, "label_dim", 0)), torch.float32
+        (shape, label_dim), dtype = image_spec(denoiser), torch.float32
         title = Path(cfg.ckpt_path).name
     from cm.io import load_predictor
 

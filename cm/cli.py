@@ -124,7 +124,7 @@ def sample_parser() -> ArgumentParser:
 
 def sample_main(args: Sequence[str]) -> Path:
     """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
-    from cm.io import load_denoiser, save_grid, save_npz, to_uint8
+    from cm.io import image_spec, load_denoiser, save_grid, save_npz, to_uint8
 
     cfg = sample_parser().parse_args(list(args))
     device = (
@@ -132,7 +132,7 @@ def sample_main(args: Sequence[str]) -> Path:
     )
     denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
     denoiser = denoiser.to(device)
-    net = getattr(denoiser, "net", denoiser)
+    shape, label_dim = image_spec(denoiser)
     if cfg.cfg_scale is not None:
         from cm.guidance import cfg as classifier_free
 
@@ -146,8 +146,6 @@ def sample_main(args: Sequence[str]) -> Path:
         sampler.sigmas = cfg.sigmas
     if cfg.predictor is not None or cfg.solver in AMED_SOLVERS:
         _use_predictor(sampler, cfg, device)
-    shape = (net.in_channels, net.img_resolution, net.img_resolution)
-    label_dim = int(getattr(net, "label_dim", 0))
     seeds = list(range(cfg.seed, cfg.seed + cfg.num))
     x, labels = sampler.generate(
         denoiser, seeds, shape, label_dim, cfg.class_label, cfg.batch_size, device

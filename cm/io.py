@@ -84,6 +84,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def image_spec(denoiser: Any) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), label_dim)`` of a denoiser's images: from its network, or an oracle's means."""
+    net = getattr(denoiser, "net", denoiser)
+    label_dim = int(getattr(net, "label_dim", 0))
+    if hasattr(net, "img_resolution"):
+        side = int(net.img_resolution)
+        return (int(net.in_channels), side, side), label_dim
+    means = getattr(denoiser, "means", None)  # cm.oracle mixtures: [K, C, H, W]
+    if means is not None:
+        return tuple(int(n) for n in means.shape[1:]), label_dim
+    raise ValueError(
+        "Cannot tell the image shape of this denoiser (no network with img_resolution, no "
+        "oracle means): pass the shape explicitly, e.g. image_shape [3, 32, 32]."
+    )
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """``[-1, 1]`` NCHW floats to uint8 NHWC (the ``arr_0`` layout of OpenAI's evaluator)."""
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

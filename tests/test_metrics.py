@@ -17,6 +17,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from conftest import tiny_open_clip
 from torch import nn
 
 from cm.cli import main
@@ -30,7 +31,7 @@ from cm.metrics import (
     load_reference,
     precision_recall,
 )
-from cm.weights import REGISTRY, clip_weights
+from cm.weights import REGISTRY
 
 TINY_CLIP = "cm-test-tiny-clip"
 
@@ -290,27 +291,8 @@ def test_custom_feature_module(tmp_path):
 
 @pytest.fixture
 def tiny_clip(tmp_path, monkeypatch) -> nn.Module:
-    """A tiny open_clip config, registered as ``cm-test-tiny-clip``/``random``, random weights."""
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                       "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
-    }  # fmt: skip
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / f"{TINY_CLIP}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "configs")
-    monkeypatch.setitem(
-        open_clip.pretrained._PRETRAINED,
-        TINY_CLIP,
-        {"random": open_clip.pretrained._pcfg(url="https://example.invalid/tiny.bin")},
-    )
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP).eval()
-    torch.save(model.state_dict(), tmp_path / clip_weights(TINY_CLIP, "random").filename)
-    monkeypatch.setenv("CM_WEIGHTS", str(tmp_path))
-    return model
+    """A tiny open_clip model ``cm-test-tiny-clip``/``random`` with random weights cached."""
+    return tiny_open_clip(TINY_CLIP, tmp_path, monkeypatch)
 
 
 def test_clip_score_matches_hand_computation(tiny_clip, tmp_path):

@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 import yaml
+from conftest import tiny_open_clip
 from PIL import Image
 from safetensors import safe_open
 
@@ -99,30 +100,10 @@ def test_class_labels_unchanged_and_context_width_checked():
 
 @pytest.fixture
 def tiny_text(tmp_path, monkeypatch) -> Path:
-    """A tiny open_clip config ``cm-test-tiny-text-clip``/``random`` with random weights saved."""
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                       "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": WIDTH, "heads": 2,
-                     "layers": 1},
-    }  # fmt: skip
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / f"{TINY_CLIP}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "configs")
-    monkeypatch.setitem(
-        open_clip.pretrained._PRETRAINED,
-        TINY_CLIP,
-        {"random": open_clip.pretrained._pcfg(url="https://example.invalid/tiny.bin")},
-    )
+    """A tiny open_clip ``cm-test-tiny-text-clip``/``random``; returns its weights directory."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP).eval()
-    torch.save(model.state_dict(), weights / clip_weights(TINY_CLIP, "random").filename)
-    monkeypatch.setenv("CM_WEIGHTS", str(weights))
-    return weights
+    tiny_open_clip(TINY_CLIP, tmp_path / "weights", monkeypatch, text_width=WIDTH)
+    return tmp_path / "weights"
 
 
 def test_text_encoder_shapes_frozen_deterministic(tiny_text):

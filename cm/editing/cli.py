@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cm.editing.loop import edit, interpolation_alphas, slerp, start
 from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes, half_mask
-from cm.io import Format, atomic_path, save_grid, to_uint8
+from cm.io import Format, atomic_path, image_spec, save_grid, to_uint8
 from cm.solvers.consistency import multistep, onestep
 from cm.solvers.sampling import SeededNoise
 
@@ -180,8 +180,7 @@ def edit_main(args: Sequence[str]) -> Path:
     files = [] if cfg.task == "interpolate" else list_images(_required(cfg.input, cfg.task))
     denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
     denoiser = denoiser.to(device)
-    net = getattr(denoiser, "net", denoiser)
-    channels, resolution = int(net.in_channels), int(net.img_resolution)
+    (channels, resolution, _), label_dim = image_spec(denoiser)
     if cfg.task == "colorize" and channels != 3:
         raise ValueError(f"colorize needs a 3-channel (RGB) model; this one has {channels}.")
     operator = task_operator(cfg, resolution)
@@ -198,7 +197,6 @@ def edit_main(args: Sequence[str]) -> Path:
             raise ValueError(f"{cfg.task} needs --sigma, the noise level to start from.")
         sampler.sigma_max, sampler.sigmas = cfg.sigma, None
     sigmas = sampler.grid(denoiser)
-    label_dim = int(getattr(net, "label_dim", 0))
 
     def labels_for(n: int) -> Tensor | None:
         if not label_dim:

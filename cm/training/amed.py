@@ -8,6 +8,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from cm.io import image_spec
 from cm.networks.amed import AMEDPredictor
 from cm.objectives.amed import AMEDDistillation
 from cm.solvers.sampling import SeededNoise, seed_labels
@@ -49,9 +50,12 @@ class AMEDModule(L.LightningModule):
         self.predictor = predictor
         self.objective = objective if objective is not None else AMEDDistillation()
         self.optimizer_factory = optimizer
-        self.image_shape = tuple(image_shape) if image_shape else _shape_of(denoiser)
-        net = getattr(denoiser, "net", denoiser)
-        self.label_dim = int(getattr(net, "label_dim", 0)) if label_dim is None else label_dim
+        if image_shape and label_dim is not None:  # given: the denoiser need not tell
+            self.image_shape, self.label_dim = tuple(image_shape), label_dim
+        else:
+            shape, classes = image_spec(denoiser)
+            self.image_shape = tuple(image_shape) if image_shape else shape
+            self.label_dim = classes if label_dim is None else label_dim
 
     def train(self, mode: bool = True) -> "AMEDModule":
         """Train the predictor; the denoiser stays in eval mode (no dropout)."""
@@ -89,17 +93,3 @@ class AMEDModule(L.LightningModule):
                 self.log(f"train/r_{n}", r.mean(), batch_size=len(seeds))
                 x = target if forcing else x_next.detach()
         self.log("train/loss", total, prog_bar=True, batch_size=len(seeds))
-
-
-def _shape_of(denoiser: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a cm network's images or of an oracle's means."""
-    net = getattr(denoiser, "net", denoiser)
-    if hasattr(net, "img_resolution"):
-        return (net.in_channels, net.img_resolution, net.img_resolution)
-    means = getattr(denoiser, "means", None)
-    if means is not None:
-        return tuple(means.shape[1:])
-    raise ValueError(
-        "Cannot tell the image shape of this denoiser: set model.init_args.image_shape, "
-        "e.g. [3, 32, 32]."
-    )

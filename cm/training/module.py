@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from cm.data.stream import step_seed
 from cm.ema import EMA
+from cm.io import image_spec
 from cm.objectives.base import Objective
 from cm.solvers.sampling import Sampler
 
@@ -73,7 +74,7 @@ class DenoiserModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and hasattr(dm, "resolution"):
             return (dm.channels, dm.resolution, dm.resolution)
-        return (self.net.in_channels, self.net.img_resolution, self.net.img_resolution)
+        return image_spec(self.denoiser)[0]
 
     @property
     def label_dim(self) -> int:
