@@ -1,23 +1,28 @@
 """``cm``: LightningCLI (fit/validate/test/predict) plus sample, export, data and bench."""
 
-import importlib
+import os
 import sys
 import warnings
+from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import torch
 from jsonargparse import ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
-from cm.io import Format
+from cm.sample import sample_main, sample_parser  # noqa: F401 - public entry points
+from cm.training.callbacks import existing_paths, remove_new, run_outputs
 
 EXTRA_COMMANDS = """extra subcommands:
   sample   generate images from a checkpoint or exported denoiser (cm sample --help)
   export   write a bare denoiser (safetensors + config.json) from a checkpoint (cm export --help)
   data     inspect a dataset on disk: image count, shape, labels, preview grid (cm data --help)
-  bench    solvers: RMSE vs NFE of every solver (and AMED predictors), table + plot
+  bench    solvers: RMSE vs NFE of every solver (and AMED predictors), table + plot;
+           train: images/s, FLOPs, MFU, eager vs compiled; sample: 1-step vs N-step images/s
   edit     zero-shot inpaint/colorize/superres/sdedit/denoise/interpolate (cm edit -h)
   eval     FID/IS/KID/precision/recall of a samples .npz against reference statistics (cm eval -h)
   weights  check or fetch the pretrained weights cm uses (Inception, VGG, CLIP) (cm weights -h)
@@ -30,6 +35,64 @@ class CMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 - Lightning hook
         parser.set_defaults({"trainer.max_steps": 1000})
 
+    def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning puts checkpoints under the logger's version_N/, which a second `cm fit` (a new
+        # version) never sees: `--ckpt_path last` after a preemption would silently start over.
+        # A ModelCheckpoint without dirpath writes to <default_root_dir>/checkpoints instead.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(Path(trainer.default_root_dir).resolve() / "checkpoints")
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a bad ``--ckpt_path`` before Lightning reads hyperparameters from it."""
+        if subcommand := self.config.get("subcommand"):
+            _check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; if it fails before the first step, remove the dirs it created.
+
+        Only paths that did not exist before (run dir, ``version_N``, the ``config.yaml`` dir,
+        checkpoint dir, offline W&B run) are removed, and only by rank 0 and before any
+        optimizer step, so no checkpoint or pre-existing folder is ever deleted.
+        """
+        roots = [Path(self.trainer.default_root_dir)]
+        roots += [Path(lg.save_dir) for lg in self.trainer.loggers if lg.save_dir is not None]
+        before = existing_paths(roots)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.global_step == 0 and self.trainer.global_rank == 0:
+                outputs = run_outputs(self.trainer, roots)
+                for logger in self.trainer.loggers:  # an open W&B run would write on
+                    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                        logger.experiment.finish(exit_code=1)
+                remove_new(outputs, before, roots)
+            raise
+
+
+def _check_ckpt_path(path: str | None) -> None:
+    """Refuse a missing or truncated ``--ckpt_path`` before Lightning builds anything."""
+    if path is None or path in ("last", "best", "hpc") or path.startswith("registry"):
+        return
+    if "://" in path:  # a remote checkpoint (s3://, gs://, ...): Lightning's fsspec reads it
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"Checkpoint '{path}' does not exist: pass a .ckpt written by cm fit (or 'last')."
+        )
+    import zipfile
+
+    try:  # torch.save writes a zip; a truncated one has no central directory at its end
+        zipfile.ZipFile(path).close()
+    except zipfile.BadZipFile:
+        raise ValueError(
+            f"Checkpoint '{path}' is truncated or not a torch checkpoint: pass an intact .ckpt "
+            "written by cm fit."
+        ) from None
+
 
 def lightning_main(args: Sequence[str] | None) -> CMCLI:
     """Run a Lightning subcommand (fit, validate, test, predict); None reads ``sys.argv``."""
@@ -41,197 +104,84 @@ def lightning_main(args: Sequence[str] | None) -> CMCLI:
         args=None if args is None else list(args),
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": EXTRA_COMMANDS},
+        # Parse errors raise, so that main() reports them on one line.
+        parser_kwargs={
+            "epilog": EXTRA_COMMANDS,
+            "exit_on_error": False,
+            **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")},
+        },
         auto_configure_optimizers=False,
     )
-
-
-def sample_parser() -> ArgumentParser:
-    """Arguments of ``cm sample``."""
-    p = ArgumentParser(prog="cm sample", description="Generate images from a trained denoiser.")
-    p.add_argument(
-        "--ckpt_path",
-        type=str,
-        required=True,
-        help="A .ckpt from cm fit, an exported denoiser directory, or a published "
-        ".pt/.safetensors state dict (with --format and --denoiser).",
-    )
-    p.add_argument(
-        "--num", type=int, default=256, help="Number of images (seeds seed..seed+num-1)."
-    )
-    p.add_argument("--seed", type=int, default=0, help="First seed.")
-    p.add_argument(
-        "--steps",
-        type=int | None,
-        default=None,
-        help="Solver steps on the Karras grid; default: the checkpoint's sampler.",
-    )
-    p.add_argument(
-        "--solver",
-        type=str | None,
-        default=None,
-        help="A cm.solvers name (heun, dpmpp_2m, ipndm, amed, ...) or the import path of a "
-        "solver, e.g. cm.solvers.consistency.multistep; default: the checkpoint's sampler.",
-    )
-    p.add_argument(
-        "--predictor",
-        type=str | None,
-        default=None,
-        help="A trained AMED predictor (.ckpt of cm fit --config configs/amed_*.yaml): samples "
-        "with AMED-Solver or AMED-Plugin on the grid it was trained for.",
-    )
-    p.add_argument(
-        "--sigmas",
-        type=list[float] | None,
-        default=None,
-        help="Explicit decreasing sigma grid, e.g. [80.0,0.661] for 2-step CM.",
-    )
-    p.add_argument(
-        "--class_label",
-        type=int | None,
-        default=None,
-        help="Generate only this class (default: classes cycle with the seed).",
-    )
-    p.add_argument("--batch_size", type=int, default=256, help="Images per forward pass.")
-    p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
-    p.add_argument("--out", type=str, default="samples.npz", help="Output .npz (arr_0 NHWC).")
-    p.add_argument("--grid", type=str | None, default=None, help="Also write a PNG grid here.")
-    p.add_argument(
-        "--cfg_scale",
-        type=float | None,
-        default=None,
-        help="Classifier-free guidance scale s (1: conditional, 0: unconditional); the model "
-        "must have been trained with label dropout (p_uncond).",
-    )
-    p.add_argument(
-        "--format",
-        type=Format,
-        default="auto",
-        help="Checkpoint layout: cm (export dir or .ckpt; what auto picks), openai "
-        "(consistency_models, guided-diffusion 64x64), openai_legacy (guided-diffusion 128/256), "
-        "edm (state dict extracted from an EDM snapshot).",
-    )
-    p.add_argument(
-        "--denoiser",
-        type=str | None,
-        default=None,
-        help="YAML/JSON file with the denoiser class_path/init_args for openai/edm checkpoints, "
-        "e.g. configs/teachers/openai_edm_imagenet64.yaml.",
-    )
-    return p
-
-
-def sample_main(args: Sequence[str]) -> Path:
-    """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
-    from cm.io import image_spec, load_denoiser, save_grid, save_npz, to_uint8
-
-    cfg = sample_parser().parse_args(list(args))
-    device = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
-    denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
-    denoiser = denoiser.to(device)
-    shape, label_dim = image_spec(denoiser)
-    if cfg.cfg_scale is not None:
-        from cm.guidance import cfg as classifier_free
-
-        denoiser = classifier_free(denoiser, cfg.cfg_scale)
-    sampler = _sampler_from(hparams.get("sampler"))
-    if cfg.solver is not None:
-        sampler.solver = _import_solver(cfg.solver)
-    if cfg.steps is not None:
-        sampler.num_steps, sampler.sigmas = cfg.steps, None
-    if cfg.sigmas is not None:
-        sampler.sigmas = cfg.sigmas
-    if cfg.predictor is not None or cfg.solver in AMED_SOLVERS:
-        _use_predictor(sampler, cfg, device)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.num))
-    x, labels = sampler.generate(
-        denoiser, seeds, shape, label_dim, cfg.class_label, cfg.batch_size, device
-    )
-    images = to_uint8(x)
-    out = save_npz(images, cfg.out, labels)
-    print(f"Wrote {len(images)} samples to {out}")
-    if cfg.grid:
-        print(f"Wrote grid to {save_grid(images[:100], cfg.grid, nrow=10)}")
-    return out
-
-
-AMED_SOLVERS = ("amed", "amed_plugin", "cm.solvers.amed", "cm.solvers.amed_plugin")
-
-
-def _use_predictor(sampler, cfg, device: str) -> None:
-    """Point ``sampler`` at AMED with the predictor of ``--predictor`` and its training grid."""
-    from functools import partial
-
-    from cm.io import load_predictor
-    from cm.solvers import amed, amed_plugin
-
-    if cfg.predictor is None:
-        raise ValueError(f"--solver {cfg.solver} needs --predictor: a trained AMED .ckpt.")
-    if cfg.steps is not None or cfg.sigmas is not None:
-        raise ValueError(
-            "An AMED predictor samples on the grid it was trained for: drop --steps/--sigmas "
-            "(train another predictor for another NFE)."
-        )
-    if cfg.solver is not None and cfg.solver not in AMED_SOLVERS:
-        raise ValueError(f"--predictor is for --solver amed or amed_plugin, not {cfg.solver}.")
-    predictor = load_predictor(cfg.predictor).to(device)
-    fn = amed if predictor.solver == "amed" else amed_plugin
-    sampler.solver = partial(fn, predictor=predictor)
-    sampler.sigmas = predictor.grid().tolist()
-    print(f"AMED ({predictor.solver}): {predictor.nfe} NFE on {predictor.num_steps} time points")
-
-
-def _import_solver(path: str):
-    """The solver function at an import path like ``cm.solvers.heun``, or a name like ``heun``."""
-    path = path if "." in path else f"cm.solvers.{path}"
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(
-            f"--solver {path!r} is not an importable function: use e.g. cm.solvers.heun or "
-            "cm.solvers.consistency.multistep."
-        ) from None
-
-
-def _sampler_from(config: dict | None):
-    """A ``Sampler`` from the checkpoint's ``sampler`` hparam (None: one-step defaults)."""
-    from cm.solvers.sampling import Sampler
-
-    if not config:
-        return Sampler()
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--sampler", type=Sampler)
-    cfg = parser.parse_object({"sampler": config})
-    return parser.instantiate_classes(cfg).sampler
 
 
 def export_main(args: Sequence[str]) -> Path:
     """``cm export``: write the (EMA) denoiser of a checkpoint as safetensors + config.json."""
     from cm.io import export, load_checkpoint
 
-    p = ArgumentParser(prog="cm export", description="Export a bare denoiser from a checkpoint.")
+    p = ArgumentParser(
+        exit_on_error=False,
+        prog="cm export",
+        description="Export a bare denoiser from a checkpoint.",
+    )
     p.add_argument("--ckpt_path", type=str, required=True, help="A .ckpt written by cm fit.")
     p.add_argument("--out", type=str, required=True, help="Output directory.")
     p.add_argument("--ema", type=bool, default=True, help="Export the EMA weights when present.")
     cfg = p.parse_args(list(args))
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise FileExistsError(f"Output '{cfg.out}' is a file: pass a directory for the export.")
     denoiser, hparams = load_checkpoint(cfg.ckpt_path, cfg.ema)
-    out = export(denoiser, cfg.out, hparams["denoiser"])
-    if hparams.get("sampler"):
-        import json
-
-        config = json.loads((out / "config.json").read_text())
-        config["sampler"] = hparams["sampler"]
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+    sampler = {"sampler": hparams["sampler"]} if hparams.get("sampler") else None
+    out = export(denoiser, cfg.out, hparams["denoiser"], sampler)
     print(f"Exported denoiser to {out}")
     return out
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``cm`` command; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    """Entry point of the ``cm`` command; ``args`` replaces ``sys.argv[1:]`` (for tests).
+
+    A user error (see ``is_user_error``) ends as one ``error: ...`` line on stderr and exit code
+    2, like an argparse error; any other exception is a bug and keeps its traceback.
+    ``CM_DEBUG=1`` shows the traceback of user errors too.
+    """
+    try:
+        run(args)
+    except Exception as e:
+        if os.environ.get("CM_DEBUG", "") not in ("", "0") or not is_user_error(e):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is the user's to fix: bad arguments/config, files, or one of cm's checks.
+
+    That is: a command-line/config parse error, an ``OSError`` (missing, unreadable or
+    unwritable files), a Lightning ``MisconfigurationException``, or a ``ValueError`` raised by
+    cm's own code. A ``ValueError`` raised inside torch or another library is treated as a bug.
+    """
+    if isinstance(e, ArgumentError | OSError | MisconfigurationException):
+        return True
+    if not isinstance(e, ValueError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else tb.tb_frame.f_globals.get("__name__", "")
+    return module.split(".")[0] in ("cm", "jsonargparse")
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (an ``OSError`` from the system names its file)."""
+    if isinstance(e, OSError) and e.strerror and e.filename and len(e.args) == 2:
+        return f"{e.strerror}: '{e.filename}' (check the path and its permissions)."
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, ArgumentError):
+        text = f"{text.rstrip('.')} (see --help)."
+    return text
+
+
+def run(args: Sequence[str] | None = None) -> None:
+    """Run one ``cm`` subcommand; errors propagate (``main`` reports them)."""
     # Lightning-internal noise: its own pytree deprecation, and the empty validation list that an
     # ImageDataModule without a validation split returns on purpose.
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
@@ -250,6 +200,14 @@ def main(args: Sequence[str] | None = None) -> None:
             from cm.bench import bench_main
 
             bench_main(rest)
+        case ["bench", "train", *rest]:
+            from cm.training.bench import train_main
+
+            train_main(rest)
+        case ["bench", "sample", *rest]:
+            from cm.training.bench import sample_main as bench_sample_main
+
+            bench_sample_main(rest)
         case ["edit", *rest]:
             from cm.editing.cli import edit_main
 
@@ -264,7 +222,9 @@ def main(args: Sequence[str] | None = None) -> None:
 
             eval_main(rest, config_batches)
         case ["bench", *_]:
-            raise ValueError("cm bench has one benchmark: cm bench solvers (see its --help).")
+            raise ValueError(
+                "Unknown benchmark: use cm bench solvers, train or sample (each has --help)."
+            )
         case _:
             # LightningCLI reads sys.argv itself; passing it again triggers a warning.
             lightning_main(None if args is None else argv)

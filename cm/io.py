@@ -41,13 +41,29 @@ def build(config: dict[str, Any]) -> nn.Module:
     return parser.instantiate_classes(cfg).module
 
 
-def export(denoiser: nn.Module, path: str | Path, config: dict[str, Any]) -> Path:
-    """Write ``denoiser``'s weights and constructor ``config`` to the directory ``path``."""
+def export(
+    denoiser: nn.Module, path: str | Path, config: dict[str, Any], extra: dict | None = None
+) -> Path:
+    """Write ``denoiser``'s weights and constructor ``config`` to the directory ``path``.
+
+    ``extra`` entries (e.g. the ``sampler``) go into ``config.json`` too. Each file is written
+    atomically, and a failure removes the directory if this call created it.
+    """
+    import shutil
+
     path = Path(path)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    save_file(state, str(path / WEIGHTS))
-    (path / CONFIG).write_text(json.dumps({"denoiser": config}, indent=2))
+    try:
+        with atomic_path(path / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        with atomic_path(path / CONFIG) as tmp:
+            tmp.write_text(json.dumps({"denoiser": config, **(extra or {})}, indent=2))
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
 
 
@@ -64,6 +80,29 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     return denoiser.eval()
 
 
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a corrupt or foreign file is a clear ValueError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip (RuntimeError), pickled code (UnpicklingError), ...
+        what = "pickled code" if "Weights only load failed" in str(e) else "truncated or corrupt"
+        raise ValueError(
+            f"Cannot load '{path}' with weights_only=True ({type(e).__name__}: {what}): pass a "
+            "checkpoint or state dict of tensors saved by torch.save, from a source you trust."
+        ) from None
+
+
+def check_output(path: str | Path) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written as an output file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"Output '{path}' is a directory: pass a file name.")
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write '{path}': '{parent}' is not a writable directory.")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path next to ``path`` that takes its name only if the block completes.
@@ -71,7 +110,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A crash or an error leaves the old file (or none) and no partial one: write to the yielded
     path. The temporary name keeps ``path``'s suffix (``np.savez`` and PIL go by it).
     """
-    path = Path(path)
+    path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}"
@@ -126,13 +165,13 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     from torchvision.utils import make_grid
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = images.permute(0, 3, 1, 2)
     scale = max(1, math.ceil(32 / x.shape[-1]))
     x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     nrow = nrow or math.ceil(math.sqrt(len(x)))
     grid = make_grid(x, nrow=nrow, padding=scale, pad_value=255).permute(1, 2, 0).numpy()
-    Image.fromarray(grid[..., 0] if images.shape[-1] == 1 else grid).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid[..., 0] if images.shape[-1] == 1 else grid).save(tmp)
     return path
 
 
@@ -149,8 +188,8 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"Checkpoint '{path}' does not exist: pass the .ckpt written by cm fit."
         )
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hparams = dict(ckpt.get("hyper_parameters", {}))
+    ckpt = load_weights_only(path, map_location)
+    hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
     config = hparams.get("denoiser")
     if not isinstance(config, dict) or "class_path" not in config:
         raise ValueError(
@@ -386,8 +425,9 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu") -
             f"AMED predictor '{path}' does not exist: pass the .ckpt written by "
             "cm fit --config configs/amed_*.yaml."
         )
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    config = dict(ckpt.get("hyper_parameters", {})).get("predictor")
+    ckpt = load_weights_only(path, map_location)
+    hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
+    config = hparams.get("predictor")
     if not isinstance(config, dict) or "class_path" not in config:
         raise ValueError(
             f"'{path}' holds no AMED predictor: train one with cm fit --config "

@@ -10,7 +10,6 @@ takes the file's name).
 import hashlib
 import os
 import shutil
-import sys
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -209,6 +208,7 @@ def weights_main(args: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
     p = ArgumentParser(
+        exit_on_error=False,
         prog="cm weights",
         description="Pretrained weights used by cm (Inception, VGG/AlexNet for LPIPS, CLIP): "
         "list what is present (check) or download what is missing (fetch).",
@@ -232,7 +232,4 @@ def weights_main(args: Sequence[str]) -> None:
             for name in names:
                 print(f"{name:12s} {fetch(name, cfg.dir)}")
         case _:
-            print(
-                f"cm weights: unknown action {cfg.action!r}; use check or fetch.", file=sys.stderr
-            )
-            raise SystemExit(2)
+            raise ValueError(f"Unknown action {cfg.action!r}: use cm weights check or fetch.")

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cm.bench import CountingDenoiser
-from cm.cli import main
+from cm.cli import main, run
 from cm.io import load_predictor
 from cm.networks import ADMUNet, AMEDPredictor, NCSNpp
 from cm.objectives import AMEDDistillation
@@ -290,9 +290,9 @@ def test_sample_with_predictor(tmp_path, capsys):
     )
     assert "3 NFE" in capsys.readouterr().out and out.is_file()
     with pytest.raises(ValueError, match="needs --predictor"):
-        main(["sample", "--ckpt_path", str(denoiser_ckpt), "--solver", "amed"])
+        run(["sample", "--ckpt_path", str(denoiser_ckpt), "--solver", "amed"])
     with pytest.raises(ValueError, match="drop --steps"):
-        main(
+        run(
             ["sample", "--ckpt_path", str(denoiser_ckpt), "--predictor", str(ckpt), "--steps", "4"]
         )
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -1,6 +1,7 @@
-"""``cm bench solvers``: honest NFE counts, converging errors, the CLI's files and its errors."""
+"""``cm bench``: solvers (honest NFE counts, converging errors, files, errors), train and sample."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from cm.bench import SOLVERS, bench_solvers, markdown_table
 from cm.cli import main
 from cm.oracle import RandomGaussianMixture
+from cm.training.bench import train_main
 
 SHAPE = (1, 4, 4)
 NFES = (3, 5, 7, 9)
@@ -95,20 +97,28 @@ def test_cli_options(tmp_path, capsys):
     assert table.splitlines()[4].endswith("| — |")
 
 
+def user_error(args: list[str], capsys) -> str:
+    """The one-line ``error:`` message with which ``cm`` exits 2 on ``args``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
 @pytest.mark.parametrize(
-    ("args", "error", "match"),
+    ("args", "match"),
     [
-        (["--oracle", "mixture", "--solvers", "rk4"], ValueError, "Unknown solver 'rk4'"),
-        (["--oracle", "mixture", "--nfe", "0"], ValueError, "budgets must be integers >= 1"),
-        ([], ValueError, "exactly one of --ckpt_path or --oracle"),
-        (["--ckpt_path", "/nonexistent/model.ckpt"], FileNotFoundError, "does not exist"),
+        (["--oracle", "mixture", "--solvers", "rk4"], "Unknown solver 'rk4'"),
+        (["--oracle", "mixture", "--nfe", "0"], "budgets must be integers >= 1"),
+        ([], "exactly one of --ckpt_path or --oracle"),
+        (["--ckpt_path", "/nonexistent/model.ckpt"], "does not exist"),
     ],
 )
-def test_user_errors_are_clear(tmp_path, args, error, match):
-    with pytest.raises(error, match=match):
-        main(["bench", "solvers", *args, "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="cm bench solvers"):
-        main(["bench", "samplers"])
+def test_user_errors_are_clear(tmp_path, capsys, args, match):
+    assert match in user_error(["bench", "solvers", *args, "--out", str(tmp_path)], capsys)
+    assert "use cm bench solvers, train or sample" in user_error(["bench", "samplers"], capsys)
 
 
 def test_function_rejects_bad_budgets():
@@ -120,8 +130,6 @@ def test_function_rejects_bad_budgets():
 
 def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
     """``--fid_ref``: each cell's samples scored by the metrics suite, as ``cm eval`` would."""
-    from pathlib import Path
-
     import numpy as np
 
     from cm.io import to_uint8
@@ -148,3 +156,82 @@ def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
     suite.update(to_uint8(x.float().clamp(-1, 1)))
     assert float(rows["ipndm", "5"]["fid"]) == pytest.approx(suite.compute()["fid"], rel=1e-6)
     assert np.isfinite(float(rows["euler (ddim)", "3"]["fid"]))
+
+
+# -- cm bench train / cm bench sample --------------------------------------------------------
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+TINY_FIT = ["--config", str(CONFIGS / "quickstart.yaml")]
+TINY_FIT += ["--config", str(CONFIGS.parent / "tests" / "tiny.yaml")]
+
+
+def test_bench_train_cpu_reports_mfu_na_then_a_number(tmp_path, capsys):
+    """The real training step of a tiny config: timings, FLOPs, MFU n/a without a known peak."""
+    out = tmp_path / "train.csv"
+    rows = train_main([*TINY_FIT, "--warmup", "1", "--steps", "3", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| eager | cpu" in table and table.rstrip().endswith("| n/a | n/a |")
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["mfu"] == "" and row["peak_tflops"] == "" and row["batch_per_device"] == "16"
+    assert float(row["step_ms_mean"]) > 0 and float(row["images_per_s"]) > 0
+    # FLOPs of one CT step: online forward + backward (~3 forwards) plus the target forward.
+    flops = float(row["tflop_per_step"]) * 1e12
+    forward = count_forward_flops(16)
+    assert 3.5 * forward < flops < 4.5 * forward
+    assert float(row["tflops_per_s"]) == pytest.approx(
+        flops / float(row["step_ms_mean"]) * 1e-9, rel=1e-3
+    )
+    assert rows[0]["mfu"] is None
+    # With --peak_tflops, through the command line (and a dotted override of the batch).
+    main(
+        ["bench", "train", *TINY_FIT, "--data.init_args.batch_size=8", "--warmup=1"]
+        + ["--steps", "2", "--peak_tflops", "0.5", "--out", str(out)]
+    )
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["batch_per_device"] == "8" and row["peak_tflops"] == "0.5"
+    assert float(row["mfu"]) == pytest.approx(float(row["tflops_per_s"]) / 0.5)
+    assert "n/a |" not in capsys.readouterr().out.splitlines()[2]
+
+
+def count_forward_flops(batch: int) -> float:
+    """FLOPs of one forward of the tiny quickstart network, counted independently."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cm.networks import ADMUNet
+
+    net = ADMUNet(
+        img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=16,
+        channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_head_channels=16,
+    )  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(batch, 1, 8, 8), torch.zeros(batch), torch.eye(10)[: batch % 10 + 1][[0]])
+    return counter.get_total_flops()
+
+
+def test_bench_train_compiled_and_synthetic(tmp_path, capsys):
+    """Eager vs compiled rows (aot_eager backend: no C++ compiler in tests), synthetic data."""
+    out = tmp_path / "train.csv"
+    main(
+        ["bench", "train", *TINY_FIT, "--compile", "default", "--backend", "aot_eager"]
+        + ["--synthetic", "true", "--warmup", "2", "--steps", "2", "--out", str(out)]
+    )
+    eager, compiled = list(csv.DictReader(out.open()))
+    assert eager["run"] == "eager" and compiled["run"] == "compiled (default)"
+    assert eager["tflop_per_step"] == compiled["tflop_per_step"]
+    assert float(compiled["speedup_vs_eager"]) > 0 and eager["speedup_vs_eager"] == "1.0"
+
+
+def test_bench_sample_onestep_vs_heun(tmp_path, capsys):
+    """1-step vs 2n-1-NFE Heun at the same batch, from a config and from a checkpoint."""
+    out = tmp_path / "sample.csv"
+    args = ["--batch_size", "4", "--heun_steps", "3", "--warmup", "1", "--repeats", "3"]
+    main(["bench", "sample", *TINY_FIT, *args, "--precision", "bf16", "--out", str(out)])
+    one, heun = list(csv.DictReader(out.open()))
+    assert (one["solver"], one["nfe"], heun["solver"], heun["nfe"]) == ("onestep", "1", "heun", "5")
+    assert one["batch"] == heun["batch"] == "4" and one["precision"] == "bf16"
+    speedup = float(one["speedup_vs_heun"])
+    assert speedup == pytest.approx(float(heun["ms_median"]) / float(one["ms_median"]))
+    assert speedup > 1.5 and heun["speedup_vs_heun"] == "1.0"
+    assert "| onestep | 1 | 4 |" in capsys.readouterr().out
+    assert "either --ckpt_path or --config" in user_error(["bench", "sample"], capsys)
+    assert "--steps must be >= 1" in user_error(["bench", "train", *TINY_FIT, "--steps=0"], capsys)

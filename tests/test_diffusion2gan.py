@@ -271,3 +271,53 @@ def test_fit_then_sample_through_the_cli(tmp_path):
     main(["sample", "--ckpt_path", str(ckpt), "--num", "6", "--out", str(out)])
     images = np.load(out)["arr_0"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_generator_step_is_skipped_or_stops(tmp_path, policy):
+    """A NaN in G's loss: "skip" leaves G, its Adam moments and the EMA untouched; "stop" raises."""
+    import lightning as L
+
+    from cm.ema import EMA
+    from cm.objectives import SquaredL2
+    from cm.precond import EDMPrecond
+    from cm.training.diffusion2gan import Diffusion2GANModule
+
+    torch.manual_seed(0)
+    module = Diffusion2GANModule(
+        EDMPrecond(tiny_unet()),
+        SquaredL2(),
+        ADMDiscriminator(tiny_unet(), num_groups=8),
+        lambda_gan=0.5,
+        r1_interval=0,
+        ema=EMA(decay=0.9),
+        nonfinite=policy,
+    )
+    x, z, c = batch(8)
+    x[4:] = float("nan")  # the second batch (step 1) poisons G's regression loss
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(z, x, c), batch_size=4)
+    seen = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt_g = pl_module.optimizers()[0].optimizer
+            seen[batch_idx] = (
+                [p.detach().clone() for p in pl_module.denoiser.parameters()],
+                [p.detach().clone() for p in pl_module.ema_denoiser.parameters()],
+                [s["exp_avg"].clone() for s in opt_g.state.values()],
+            )
+
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[Snapshot()],
+    )  # fmt: skip
+    if policy == "stop":
+        with pytest.raises(ValueError, match="Non-finite loss or gradients at step 1"):
+            trainer.fit(module, data)
+        return
+    trainer.fit(module, data)
+    # G's and D's steps are both skipped (the NaN reals reach D too); the skipped step counts
+    assert trainer.global_step == 2 and module.skipped_steps == 2
+    for before, after in zip(seen[0], seen[1], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -1,5 +1,7 @@
 """Zero-shot editing (Song et al. 2023, Alg. 4) against exact mixture denoisers, and ``cm edit``."""
 
+from argparse import ArgumentError
+
 import numpy as np
 import pytest
 import torch
@@ -327,5 +329,5 @@ def test_cli_errors(tiny_ckpt, tmp_path, extra, error, match):
 def test_cli_rejects_unknown_task(tiny_ckpt):
     from cm.editing.cli import edit_main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(ArgumentError, match="deblur"):
         edit_main(["--ckpt_path", str(tiny_ckpt), "--task", "deblur", "--input", "x.png"])

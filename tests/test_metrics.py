@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from conftest import tiny_open_clip
 from torch import nn
 
-from cm.cli import main
+from cm.cli import main, run
 from cm.metrics import (
     ClipEncoder,
     InceptionFeatures,
@@ -351,9 +351,9 @@ def test_cli_ref_and_samples(weights, tmp_path):
     assert all(math.isfinite(v) for v in result["metrics"].values())
 
     with pytest.raises(FileNotFoundError, match="nope.npz"):
-        main(["eval", str(tmp_path / "nope.npz"), "--ref", str(ref)])
+        run(["eval", str(tmp_path / "nope.npz"), "--ref", str(ref)])
     with pytest.raises(FileNotFoundError, match="missing_ref.npz"):
-        main(["eval", str(samples), "--ref", str(tmp_path / "missing_ref.npz")])
+        run(["eval", str(samples), "--ref", str(tmp_path / "missing_ref.npz")])
 
 
 def test_cli_custom_feature(tmp_path, monkeypatch):

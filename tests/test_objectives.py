@@ -1,6 +1,7 @@
 """Objectives: iCT/CT losses, distances, target network, dropout sharing, LPIPS weights."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,41 @@ def test_lpips_loads_random_weights_from_cache(tmp_path, monkeypatch):
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.allclose(d(x, x), torch.zeros(2), atol=1e-6)
     assert torch.all(d(x, -x) > 0)
+
+
+def test_objectives_draw_per_sample_randomness_through_sample_draws():
+    # Per-sample noise, sigmas, indices and label masks must come from Objective.draws (keyed by
+    # the global sample index) or an explicit generator, never from the global RNG directly.
+    import re
+
+    import cm.objectives as objectives
+
+    call = re.compile(r"torch\.(randn|rand|randint|randn_like|rand_like|multinomial|randperm)\(|"
+                      r"\.(normal_|uniform_|bernoulli_|random_)\(")  # fmt: skip
+    offenders = [
+        f"{path.name}:{number}"
+        for path in Path(objectives.__file__).parent.glob("*.py")
+        if path.name not in ("base.py", "augment.py")  # the helper itself; data augmentation
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if call.search(line) and "generator=" not in line
+    ]
+    assert offenders == []
+
+
+def test_sample_draws_split_the_global_batch():
+    from cm.objectives.base import SampleDraws
+
+    def draws(offset: int, n: int, total: int) -> list[torch.Tensor]:
+        d = SampleDraws()
+        d.set(7, offset, total)
+        x = torch.zeros(n, 2)
+        probs = torch.tensor([0.2, 0.3, 0.5])
+        return [d.randn_like(x), d.rand(n), d.randint(0, 5, n), d.multinomial(probs, n), d.randn(n)]
+
+    whole = draws(0, 6, 6)
+    parts = [draws(offset, 3, 6) for offset in (0, 3)]
+    for full, a, b in zip(whole, *parts, strict=True):
+        assert torch.equal(full, torch.cat([a, b]))
+    assert not torch.equal(parts[0][0], parts[1][0])
+    with pytest.raises(ValueError, match="same batch size"):
+        draws(4, 3, 6)

@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 from test_cli import fit, last_ckpt
 
-from cm.cli import main
+from cm.cli import main, run
 from cm.io import PretrainedDenoiser
 from cm.solvers import Sampler, SeededNoise, heun
 from cm.solvers.sampling import seed_labels
@@ -130,7 +130,7 @@ def test_resume_regenerates_only_missing_shards(generated, tmp_path):
     main(["predict", "--config", pairs_config(tmp_path, ckpt, copy)])
     assert stamps == {p.name: p.stat().st_mtime_ns for p in copy.glob("pairs-*")}
     with pytest.raises(ValueError, match="other settings \\(sigmas\\)"):
-        main(["predict", "--config", pairs_config(tmp_path, ckpt, copy, num_steps=3)])
+        run(["predict", "--config", pairs_config(tmp_path, ckpt, copy, num_steps=3)])
 
 
 @pytest.mark.parametrize(("num", "shard_size", "world"), [(24, 8, 2), (70, 8, 3), (5, 8, 2)])

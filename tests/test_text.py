@@ -362,10 +362,10 @@ def test_stable_diffusion_denoiser(tiny_sd):
     assert decoded.shape == images.shape and decoded.abs().max() <= 1
 
 
-def test_stable_diffusion_latent_pairs(tmp_path, tiny_sd, tiny_text):
-    """configs/pairs_sd15.yaml in miniature: DDIM on trained timesteps, CFG, unclamped latents."""
+def write_sd_pairs(tmp_path: Path, tiny_sd: Path, captions: str) -> tuple[Path, str]:
+    """Latent text pairs of the tiny SD teacher by ``cm predict`` (DDIM 2 steps, CFG 3)."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\na dog\n")
+    prompts.write_text(captions)
     root = tmp_path / "sd_pairs"
     teacher = {
         "class_path": "cm.networks.stable_diffusion.StableDiffusionDenoiser",
@@ -376,6 +376,12 @@ def test_stable_diffusion_latent_pairs(tmp_path, tiny_sd, tiny_text):
         tmp_path, root, prompts, 3.0, teacher, sampler, clamp=False, uncond_caption=""
     )
     main(["predict", "--config", config])
+    return root, config
+
+
+def test_stable_diffusion_latent_pairs(tmp_path, tiny_sd, tiny_text):
+    """configs/pairs_sd15.yaml in miniature: DDIM on trained timesteps, CFG, unclamped latents."""
+    root, config = write_sd_pairs(tmp_path, tiny_sd, "a cat\na dog\n")
     index = json.loads((root / "index.json").read_text())
     assert index["complete"] and index["image_shape"] == [4, 8, 8] and not index["clamp"]
     assert index["sigmas"][0] > 10 and index["uncond_caption"] == ""  # SD's sigma_max ~ 14.6

@@ -1,6 +1,11 @@
 """Datasets of images in [-1, 1] with one-hot labels (see :mod:`cm.data.datasets`, :mod:`.real`)."""
 
-from cm.data.captions import CaptionFolderDataset, read_prompts
+from cm.data.captions import (
+    DIGIT_WORDS,
+    CaptionFolderDataset,
+    read_prompts,
+    write_digit_captions,
+)
 from cm.data.datasets import DigitsDataset, FolderDataset, MixtureDataset
 from cm.data.real import (
     CIFAR10Dataset,
@@ -12,6 +17,7 @@ from cm.data.real import (
 )
 
 __all__ = [
+    "DIGIT_WORDS",
     "CaptionFolderDataset",
     "CIFAR10Dataset",
     "DigitsDataset",
@@ -23,4 +29,5 @@ __all__ = [
     "load_cifar_batch",
     "open_dataset",
     "read_prompts",
+    "write_digit_captions",
 ]

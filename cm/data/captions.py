@@ -13,14 +13,18 @@ have a caption.
 """
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from cm.data.datasets import FolderDataset
 
 CAPTIONS_JSONL = "captions.jsonl"
 FILE_KEYS, TEXT_KEYS = ("file", "file_name"), ("text", "caption")
+MEMO = 1024  # encoded captions kept per dataset copy (77 x 768 float32 = 236 kB each)
 
 
 def _pick(entry: dict, keys: tuple[str, ...], line: int) -> str:
@@ -81,8 +85,10 @@ class CaptionFolderDataset(FolderDataset):
     Item ``i`` is ``(image, caption)``; with a ``text_encoder`` (``cm.networks.text.TextEncoder``)
     it is ``(image, tokens [max_length, D])``, the cross-attention context that
     ``ADMUNet(context_dim=D)`` takes as ``labels``, so the training modules run unchanged. The
-    encoder runs per item in the loading process (on the CPU): fine for small sets; for large
-    ones precompute the embeddings. ``label_dim`` is 0: captions are not class labels.
+    encoder runs per item in the loading process (on the CPU); the last ``MEMO`` distinct
+    captions are memoised, so sets with few distinct captions (e.g. one per class) encode each
+    once; for large sets precompute the embeddings. ``label_dim`` is 0: captions are not
+    class labels.
 
     Args:
         path: folder or ``.zip`` of images with ``captions.jsonl`` or ``dataset.json`` captions.
@@ -102,13 +108,24 @@ class CaptionFolderDataset(FolderDataset):
         self.captions = captions_for(self._read, self.fnames, self.path)
         self._close()
         self.text_encoder = text_encoder
+        self._encoded: OrderedDict[str, Tensor] = OrderedDict()
+
+    def encode(self, caption: str) -> Tensor:
+        """The token embeddings of ``caption``, memoised (least recently used dropped)."""
+        tokens = self._encoded.pop(caption, None)
+        if tokens is None:
+            tokens = self.text_encoder([caption])[0]
+        self._encoded[caption] = tokens
+        if len(self._encoded) > MEMO:
+            self._encoded.popitem(last=False)
+        return tokens
 
     def __getitem__(self, idx: int) -> tuple[Tensor, str | Tensor]:
         x, _ = super().__getitem__(idx)
         caption = self.captions[idx]
         if self.text_encoder is None:
             return x, caption
-        return x, self.text_encoder([caption])[0]
+        return x, self.encode(caption)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -130,3 +147,66 @@ def read_prompts(path: str) -> list[str]:
     if not lines:
         raise ValueError(f"The captions file '{path}' holds no prompts.")
     return lines
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digit_captions(root: str, num: int | None = None) -> Path:
+    """scikit-learn's 8x8 digits as a captioned EDM-layout folder, "a handwritten digit seven".
+
+    The CPU-sized text-to-image dataset (``configs/edm_digits_text.yaml``): grayscale PNGs
+    ``00000/img00000000.png`` and their captions in ``captions.jsonl``; returns ``root``.
+
+    Args:
+        root: the folder to write (created).
+        num: write only the first ``num`` digits (None: all 1797).
+    """
+    from PIL import Image
+
+    from cm.data.datasets import DigitsDataset
+
+    digits, out = DigitsDataset(8), Path(root)
+    lines = []
+    for i in range(len(digits) if num is None else min(num, len(digits))):
+        x, label = digits[i]
+        name = f"{i // 1000:05d}/img{i:08d}.png"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = ((x[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels, "L").save(out / name)
+        text = f"a handwritten digit {DIGIT_WORDS[int(label.argmax())]}"
+        lines.append(json.dumps({"file": name, "text": text}))
+    (out / CAPTIONS_JSONL).write_text("\n".join(lines) + "\n")
+    return out
+
+
+def prompt_contexts(config: str, prompt: str) -> Callable[[Sequence[int]], Tensor]:
+    """Seed -> text context ``[N, L, D]`` for sampling: seed ``s`` gets prompt ``s % #prompts``.
+
+    Args:
+        config: a YAML/JSON file with the encoder's ``class_path``/``init_args``, or a training
+            config whose ``data.init_args.text_encoder`` is one (the teacher's own encoder).
+        prompt: one prompt for every image, or ``@FILE``: a ``.txt`` (one prompt per line) or
+            ``.jsonl`` captions file.
+    """
+    import yaml
+
+    from cm.io import build
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Text encoder config '{config}' does not exist: give the training YAML (its "
+            "data.init_args.text_encoder) or a file with the encoder's class_path and init_args."
+        )
+    spec = yaml.safe_load(path.read_text())
+    if isinstance(spec, dict) and "class_path" not in spec:
+        spec = ((spec.get("data") or {}).get("init_args") or {}).get("text_encoder")
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(
+            f"'{config}' holds no text encoder: give a training config with "
+            "data.init_args.text_encoder or a class_path/init_args file."
+        )
+    encoder = build(spec)
+    prompts = read_prompts(prompt[1:]) if prompt.startswith("@") else [prompt]
+    return lambda seeds: encoder([prompts[int(s) % len(prompts)] for s in seeds])

@@ -153,6 +153,11 @@ class FolderDataset(Dataset):
         self._is_zip = os.path.isfile(self.path) and zipfile.is_zipfile(self.path)
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
+        if os.path.isfile(self.path) and not self._is_zip:
+            raise ValueError(
+                f"'{self.path}' is not a readable .zip (truncated or another format): give a "
+                "folder of images or re-create the zip (EDM dataset_tool.py --dest=*.zip)."
+            )
         self.fnames = self._list_images() if os.path.exists(self.path) else []
         if not self.fnames:
             raise FileNotFoundError(
@@ -221,8 +226,16 @@ class FolderDataset(Dataset):
             return f.read()
 
     def _open(self, fname: str) -> Image.Image:
-        """Open image ``fname`` with PIL."""
-        return Image.open(io.BytesIO(self._read(fname)))
+        """Open and decode image ``fname`` with PIL; a corrupt file is a clear error."""
+        try:
+            img = Image.open(io.BytesIO(self._read(fname)))
+            img.load()  # decode now: a truncated file fails here, not deep in a DataLoader
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for corrupt images
+            raise ValueError(
+                f"Cannot read image '{fname}' in '{self.path}' ({' '.join(str(e).split())}): "
+                "replace or delete the file."
+            ) from None
+        return img
 
     def _load_labels(self) -> Tensor | None:
         """Labels ``[N, L]`` from ``dataset.json``, or None if it is absent or has null labels."""

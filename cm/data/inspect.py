@@ -109,7 +109,9 @@ def data_main(args: Sequence[str]) -> DatasetSummary:
     """``cm data inspect PATH [--dataset ...]``: print what is at PATH and write a preview grid."""
     from jsonargparse import ArgumentParser
 
-    inspect = ArgumentParser(description="Count and preview a dataset on disk.")
+    inspect = ArgumentParser(
+        exit_on_error=False, description="Count and preview a dataset on disk."
+    )
     inspect.add_argument("path", type=str, help="Dataset folder or .zip.")
     inspect.add_argument(
         "--dataset",
@@ -131,7 +133,9 @@ def data_main(args: Sequence[str]) -> DatasetSummary:
     inspect.add_argument(
         "--cache_dir", type=str | None, default=None, help="imagenet64 cache (default: PATH)."
     )
-    parser = ArgumentParser(prog="cm data", description="Tools for datasets on disk.")
+    parser = ArgumentParser(
+        exit_on_error=False, prog="cm data", description="Tools for datasets on disk."
+    )
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("inspect", inspect, help="Count and preview a dataset on disk.")
     cfg = parser.parse_args(list(args)).inspect

@@ -20,11 +20,13 @@ class StepStream(IterableDataset):
     """Yield the samples of micro-batch ``k = start_step, start_step + 1, ...`` for one rank.
 
     Epoch ``e`` is a permutation seeded by ``(seed, e)``; micro-batch ``k`` is the ``k``-th slice
-    of ``batch_size * world_size`` indices, of which this rank takes its ``batch_size``. Random
-    augmentations inside ``dataset`` run under a generator seeded by ``(seed, k, rank)``, so
-    a run resumed at step ``k`` sees exactly the data it would have seen, with any number of
+    of ``batch_size * world_size`` indices, of which this rank takes its ``batch_size``: the
+    global batch is the concatenation of the ranks' slices in rank order. Random augmentations
+    of a sample run under the global RNG seeded by ``(seed, its position in the stream)``, so a
+    run resumed at step ``k`` sees exactly the data it would have seen, with any number of
     DataLoader workers (each worker takes every ``num_workers``-th step; PyTorch interleaves them
-    in order).
+    in order), and any split of the global batch over ranks or accumulated micro-batches sees the
+    same augmented samples.
 
     Args:
         dataset: a map-style dataset.
@@ -67,9 +69,13 @@ class StepStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for step in itertools.count(self.start_step + worker, num_workers):
-            # Augmentations draw from a generator seeded by (seed, step, rank); the batch is
+            # Augmentations draw from the global RNG seeded by the sample's position in the
+            # stream (not by rank, which would tie them to the world size); the batch is
             # materialised inside the fork so the caller's RNG stream is untouched.
+            first = step * self.global_batch + self.rank * self.batch_size
+            samples = []
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(step_seed(self.seed, step, self.rank))
-                samples = [self.dataset[index] for index in self.indices(step)]
+                for position, index in enumerate(self.indices(step), first):
+                    torch.manual_seed(step_seed(self.seed, position))
+                    samples.append(self.dataset[index])
             yield from samples

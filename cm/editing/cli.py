@@ -27,7 +27,11 @@ MASKS = ("left", "right", "top", "bottom", "center")
 
 def edit_parser() -> ArgumentParser:
     """Arguments of ``cm edit``."""
-    p = ArgumentParser(prog="cm edit", description="Zero-shot image editing (CM paper, Alg. 4).")
+    p = ArgumentParser(
+        exit_on_error=False,
+        prog="cm edit",
+        description="Zero-shot image editing (CM paper, Alg. 4).",
+    )
     p.add_argument("--ckpt_path", type=str, required=True, help="A .ckpt or exported denoiser.")
     p.add_argument("--task", type=Task, required=True, help="What to do with the input images.")
     p.add_argument(
@@ -170,8 +174,8 @@ def edit_main(args: Sequence[str]) -> Path:
     """``cm edit``: Song et al. 2023, Alg. 4 on images from disk; returns the output folder."""
     from tqdm import tqdm
 
-    from cm.cli import _import_solver, _sampler_from  # lazy: cm.cli imports lightning
     from cm.io import load_denoiser
+    from cm.sample import _import_solver, _sampler_from
 
     cfg = edit_parser().parse_args(list(args))
     device = (

@@ -8,6 +8,7 @@ the ``data:`` section of a training YAML (see ``cm.metrics.reference`` for the f
 
 import json
 import math
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -47,9 +48,17 @@ def _read_samples(path: Path, hint: str = "write one with `cm sample --out FILE`
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:
                 raise ValueError(f"'{path}' has no arr_0 (uint8 images [N, H, W, C]).")
-            return data["arr_0"]
-    except OSError as error:
-        raise ValueError(f"Cannot read samples '{path}' as an .npz ({error}).") from None
+            images = data["arr_0"]
+    except (OSError, EOFError, zipfile.BadZipFile) as error:  # truncated or not an npz
+        raise ValueError(
+            f"Cannot read samples '{path}' as an .npz ({error}): write it again with cm sample."
+        ) from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"arr_0 of '{path}' is {images.dtype} {list(images.shape)}, not uint8 [N, H, W, C] "
+            "with C = 1 or 3: save images as cm sample does (cm.io.save_npz)."
+        )
+    return images
 
 
 def _write_json(path: Path, payload: dict) -> Path:
@@ -64,6 +73,7 @@ def samples_parser():
     from jsonargparse import ArgumentParser
 
     p = ArgumentParser(
+        exit_on_error=False,
         prog="cm eval",
         description="FID/IS/KID/precision/recall of a samples .npz (arr_0 uint8 NHWC) against "
         "reference statistics; `cm eval ref -h` builds a reference.",
@@ -103,6 +113,7 @@ def ref_parser():
     from jsonargparse import ArgumentParser
 
     p = ArgumentParser(
+        exit_on_error=False,
         prog="cm eval ref",
         description="Compute and cache real-image statistics (mu, sigma, feature bank) in an .npz.",
     )

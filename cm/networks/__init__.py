@@ -5,7 +5,8 @@ from cm.networks.amed import AMEDPredictor
 from cm.networks.discriminator import ADMDiscriminator, NCSNppDiscriminator, UNetDiscriminator
 from cm.networks.latent_vgg import LatentVGG16BN
 from cm.networks.ncsnpp import NCSNpp
-from cm.networks.stable_diffusion import StableDiffusionDenoiser
+from cm.networks.sd_discriminator import SDDiscriminator
+from cm.networks.stable_diffusion import StableDiffusionDenoiser, load_unet
 from cm.networks.text import TextEncoder
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "LatentVGG16BN",
     "NCSNpp",
     "NCSNppDiscriminator",
+    "SDDiscriminator",
     "StableDiffusionDenoiser",
     "TextEncoder",
     "UNetDiscriminator",
+    "load_unet",
 ]

@@ -162,7 +162,9 @@ class AttentionBlock(nn.Module):
         """Attend over the ``H * W`` positions of ``x`` ``[N, C, H, W]``, then to ``context``."""
         n, c, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, -1)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [N, heads, HW, head_dim]
+        # Each [N, heads, HW, head_dim]; with channels-last weights (cm.training.speed) head_dim
+        # has unit stride, as the flash/memory-efficient attention kernels want.
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(n, c, height, width)
         x = x + self.proj_out(h)

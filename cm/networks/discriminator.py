@@ -22,7 +22,9 @@ noise ``z`` it came from and the class label ``c`` (``D(x, z, c)``):
 The U-Net's output layers (ADM ``out_norm``/``out_conv``, NCSN++ ``head``s) are dropped: a
 discriminator has no use for them, and unused parameters would trouble DDP. ``ADMDiscriminator``
 wraps ``cm.networks.ADMUNet``, ``NCSNppDiscriminator`` wraps ``cm.networks.NCSNpp`` (EDM's
-DDPM++/NCSN++); both share the injections and heads of ``UNetDiscriminator``.
+DDPM++/NCSN++), ``cm.networks.sd_discriminator.SDDiscriminator`` a diffusers
+``UNet2DConditionModel`` (Stable Diffusion); all share the injections and heads of
+``UNetDiscriminator``.
 """
 
 import math
@@ -40,6 +42,8 @@ from cm.networks.ncsnpp import NCSNpp
 Inject = Callable[[int, Tensor], Tensor]
 # (skip features, bottleneck, decoder features), skips and decoder keyed by resolution.
 Features = tuple[dict[int, Tensor], Tensor, dict[int, Tensor]]
+# The backbone's conditioning: an embedding [N, E], or (embedding, text context [N, L, D]).
+Cond = Tensor | tuple[Tensor, Tensor]
 
 
 class ReadoutHead(nn.Module):
@@ -125,11 +129,15 @@ class UNetDiscriminator(nn.Module):
         enc_ch = {r: h.shape[1] for r, h in skips.items()}
         return enc_ch, mid.shape[1], {r: h.shape[1] for r, h in dec.items()}, injected
 
-    def _embed(self, c_noise: Tensor, labels: Tensor | None) -> Tensor:
-        """The backbone's noise (+ class) embedding."""
+    def c_noise(self) -> float:
+        """The teacher's timestep input at ``sigma`` (EDM: ``noise_scale * ln(sigma)``)."""
+        return self.noise_scale * math.log(self.sigma)
+
+    def _embed(self, c_noise: Tensor, labels: Tensor | None) -> Cond:
+        """The backbone's noise (+ class) embedding (+ text context)."""
         raise NotImplementedError
 
-    def _features(self, x: Tensor, emb: Tensor, inject: Inject) -> Features:
+    def _features(self, x: Tensor, emb: Cond, inject: Inject) -> Features:
         """Run the backbone's encoder, bottleneck and decoder (without output layers)."""
         raise NotImplementedError
 
@@ -151,15 +159,15 @@ class UNetDiscriminator(nn.Module):
         self.net.load_state_dict(t_state)
 
     def forward(self, x: Tensor, z: Tensor, labels: Tensor | None = None) -> list[Tensor]:
-        """Logit maps for images ``x`` ``[N, C, H, W]`` given noise ``z`` and one-hot labels.
+        """Logit maps for images ``x`` ``[N, C, H, W]`` given noise ``z`` and labels.
 
         Args:
             x: images in [-1, 1] (real, generated, or mix-and-matched).
             z: the unit-variance noise each image is paired with.
-            labels: one-hot labels ``[N, label_dim]``, or None.
+            labels: one-hot labels ``[N, label_dim]``, text contexts ``[N, L, D]``, or None.
         """
         c_in = 1 / math.sqrt(self.sigma**2 + self.sigma_data**2)
-        c_noise = x.new_full((x.shape[0],), self.noise_scale * math.log(self.sigma))
+        c_noise = x.new_full((x.shape[0],), self.c_noise())
         emb = self._embed(c_noise, labels)
         z = z.to(x.dtype)
         xz = torch.cat([c_in * x, z], dim=1)

@@ -111,7 +111,9 @@ class SelfAttention(nn.Module):
         """Attend over the ``H * W`` positions of ``x`` ``[N, C, H, W]``."""
         n, c, height, width = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(n, c, 3, height * width).unbind(2)  # [N, C, HW]
-        a = F.scaled_dot_product_attention(q.mT[:, None], k.mT[:, None], v.mT[:, None])
+        # [N, 1, HW, C] with a unit stride on C: what the flash/memory-efficient kernels take.
+        q, k, v = (t.mT[:, None].contiguous() for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v)
         return self.proj(a[:, 0].mT.reshape(n, c, height, width))
 
 

@@ -8,6 +8,10 @@ is the ``labels`` argument: CLIP ViT-L/14 token embeddings ``[N, 77, 768]``
 (``cm.networks.text.TextEncoder("ViT-L-14", "openai")`` gives SD 1.x's conditioning). Images
 live in the VAE's latent space scaled by ``scaling_factor`` (0.18215 for SD 1.x): ``encode``
 and ``decode`` map between [-1, 1] pixels and latents. ``diffusers`` is an optional extra.
+
+A teacher is frozen; ``trainable=True`` makes the U-Net a student initialised from the
+published weights (Diffusion2GAN's one-step generator). ``load_unet`` is shared with
+``cm.networks.sd_discriminator.SDDiscriminator``, which starts from the same U-Net.
 """
 
 import json
@@ -68,16 +72,47 @@ class _UNetEps(nn.Module):
         return out.sample
 
 
+def load_unet(path: str, dtype: str = "float32") -> tuple[nn.Module, Tensor, Path]:
+    """The ``UNet2DConditionModel`` of a local diffusers pipeline, its DDPM betas and its root.
+
+    Args:
+        path: a local diffusers pipeline directory with ``unet/`` and ``scheduler/``.
+        dtype: parameter dtype of the UNet (``float32``, ``float16`` or ``bfloat16``).
+    """
+    diffusers = _diffusers()
+    root = Path(path).expanduser()
+    sched = root / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        raise FileNotFoundError(
+            f"No diffusers pipeline at '{root}' (missing {sched.relative_to(root)}): give "
+            "the local directory of a Stable Diffusion checkpoint in diffusers format."
+        )
+    config = json.loads(sched.read_text())
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(
+            f"'{root}' predicts {config['prediction_type']}; only epsilon is supported."
+        )
+    unet = diffusers.UNet2DConditionModel.from_pretrained(
+        root / "unet", torch_dtype=getattr(torch, dtype)
+    )
+    return unet, scheduler_betas(config), root
+
+
 class StableDiffusionDenoiser(VPPrecond):
     """Stable Diffusion's UNet as ``D(z, sigma, labels)`` in EDM coordinates (Rombach et al. 2022).
 
-    The teacher is frozen (eval, no gradients). Latent shape is ``[4, sample_size,
-    sample_size]`` (``self.net.in_channels``, ``self.net.img_resolution``).
+    As a teacher it is frozen (eval, no gradients); ``trainable=True`` makes the UNet a student
+    initialised from the published weights (Diffusion2GAN's generator, Kang et al. 2024), the
+    VAE staying frozen. Latent shape is ``[4, sample_size, sample_size]``
+    (``self.net.in_channels``, ``self.net.img_resolution``).
 
     Args:
         path: a local diffusers pipeline directory with ``unet/``, ``vae/`` and ``scheduler/``.
-        dtype: parameter dtype of the UNet and VAE (``float16`` halves GPU memory).
-        load_vae: also load the VAE for ``encode``/``decode`` (not needed for latent pairs).
+        dtype: parameter dtype of the UNet and VAE (``float16`` halves GPU memory; a trainable
+            UNet stays ``float32`` and trains under the trainer's mixed precision).
+        load_vae: also load the VAE for ``encode``/``decode`` (not needed for latent pairs;
+            a student needs it to decode its sample grids into pixels).
+        trainable: train the UNet (a student) instead of freezing it (a teacher).
     """
 
     def __init__(
@@ -85,36 +120,34 @@ class StableDiffusionDenoiser(VPPrecond):
         path: str,
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         load_vae: bool = True,
+        trainable: bool = False,
     ) -> None:
-        diffusers = _diffusers()
-        root = Path(path).expanduser()
-        sched = root / "scheduler" / "scheduler_config.json"
-        if not sched.is_file():
-            raise FileNotFoundError(
-                f"No diffusers pipeline at '{root}' (missing {sched.relative_to(root)}): give "
-                "the local directory of a Stable Diffusion checkpoint in diffusers format."
-            )
-        config = json.loads(sched.read_text())
-        if config.get("prediction_type", "epsilon") != "epsilon":
+        if trainable and dtype != "float32":
             raise ValueError(
-                f"'{root}' predicts {config['prediction_type']}; only epsilon is supported."
+                f"A trainable StableDiffusionDenoiser keeps float32 weights, got dtype={dtype}: "
+                "use trainer.precision bf16-mixed for half-precision compute."
             )
-        torch_dtype = getattr(torch, dtype)
-        unet = diffusers.UNet2DConditionModel.from_pretrained(
-            root / "unet", torch_dtype=torch_dtype
-        )
-        betas = scheduler_betas(config)
+        unet, betas, root = load_unet(path, dtype)
         super().__init__(_UNetEps(unet), "linear", len(betas))
         # Replace VPPrecond's linear table with the scheduler's (SD: scaled_linear).
         self.betas, self.sigmas = betas, vp_sigmas(betas)
         self.vae = None
         if load_vae:
-            self.vae = diffusers.AutoencoderKL.from_pretrained(
-                root / "vae", torch_dtype=torch_dtype
+            self.vae = _diffusers().AutoencoderKL.from_pretrained(
+                root / "vae", torch_dtype=getattr(torch, dtype)
             )
+            self.vae.requires_grad_(False).eval()
         self.scaling_factor = float(self.vae.config.scaling_factor) if self.vae else 0.18215
-        self.path = str(root)
-        self.requires_grad_(False).eval()
+        self.path, self.trainable = str(root), trainable
+        if not trainable:
+            self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "StableDiffusionDenoiser":
+        """Switch the UNet's mode (a frozen teacher stays in eval); the VAE always stays in eval."""
+        super().train(mode and self.trainable)
+        if self.vae is not None:
+            self.vae.eval()
+        return self
 
     def _need_vae(self) -> nn.Module:
         if self.vae is None:

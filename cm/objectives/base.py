@@ -4,12 +4,99 @@ import torch
 from torch import Tensor, nn
 
 
+class SampleDraws:
+    """Per-sample random draws that are a function of the global sample index, not of the rank.
+
+    A rank trains on the slice ``[offset, offset + n)`` of the ``total`` samples of one optimizer
+    step (all ranks, all accumulated micro-batches). Once ``set`` with a seed shared by all ranks,
+    a scalar draw (sigmas, indices, label masks) generates the ``total`` values of the whole
+    step's batch and keeps this slice, and an image-sized draw (``randn_like``) generates each
+    sample's noise from a seed of ``(seed, draw, global index)``, so memory stays per rank. Two
+    ranks thus draw exactly the noise, sigmas and label masks of one process with the doubled
+    batch (or with gradient accumulation). Unset (objectives called directly, evaluation), draws
+    come from the global RNG at the local size. Network dropout masks do not come from here:
+    they stay per rank (global RNG, seeded per rank by the module).
+    """
+
+    def __init__(self) -> None:
+        self.set(None)
+
+    def set(self, seed: int | None, offset: int = 0, total: int | None = None) -> None:
+        """Draw the slice ``[offset, offset + n)`` of ``total`` values from ``seed`` from now on."""
+        self.seed, self.offset, self.total = seed, offset, total
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._noise_draws = 0
+
+    def _args(self, n: int, device: torch.device | str | None) -> tuple[int, dict]:
+        """How many values to draw and the ``generator``/``device`` keywords of the draw."""
+        device = torch.device(device if device is not None else "cpu")
+        if self.seed is None:
+            return n, {"device": device}
+        if self.total is None or self.offset + n > self.total:
+            raise ValueError(
+                f"A local batch of {n} at offset {self.offset} does not fit in the global batch "
+                f"of {self.total}: every rank and micro-batch must have the same batch size."
+            )
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self.total, {"device": device, "generator": self._generators[device]}
+
+    def _slice(self, values: Tensor, n: int) -> Tensor:
+        """The local ``n`` values of a global draw (all of them when unset)."""
+        return values if self.seed is None else values[self.offset : self.offset + n]
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``x`` ``[N, ...]``, sample by sample when set."""
+        if self.seed is None:
+            return torch.randn_like(x)
+        self._args(x.shape[0], x.device)  # checks the slice
+        # One reseeded generator per sample: only this rank's samples are ever materialised.
+        generator = torch.Generator(x.device)
+        noise = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for i in range(x.shape[0]):
+            generator.manual_seed(_seed(self.seed, self._noise_draws, self.offset + i))
+            noise[i].normal_(generator=generator)
+        self._noise_draws += 1
+        return noise
+
+    def randn(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``n`` standard normal float32 values ``[n]``."""
+        total, kw = self._args(n, device)
+        return self._slice(torch.randn(total, **kw), n)
+
+    def rand(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``n`` uniform float32 values in ``[0, 1)`` ``[n]``."""
+        total, kw = self._args(n, device)
+        return self._slice(torch.rand(total, **kw), n)
+
+    def randint(self, low: int, high: int, n: int, device: torch.device | str | None = None):
+        """``n`` integers uniform in ``[low, high)`` ``[n]``."""
+        total, kw = self._args(n, device)
+        return self._slice(torch.randint(low, high, (total,), **kw), n)
+
+    def multinomial(self, probs: Tensor, n: int) -> Tensor:
+        """``n`` indices drawn with replacement from the weights ``probs`` ``[K]``."""
+        total, kw = self._args(n, probs.device)
+        generator = kw.get("generator")
+        return self._slice(torch.multinomial(probs, total, True, generator=generator), n)
+
+
+def _seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (Python hashes int tuples the same in every process)."""
+    return hash(keys) & 0x7FFFFFFFFFFFFFFF
+
+
 class Objective(nn.Module):
     """A training loss of one denoiser; curricula are pure functions of ``step``.
 
     Objectives own what the loss needs besides the trained denoiser (a teacher, a target network)
-    so it is saved in the checkpoint with them.
+    so it is saved in the checkpoint with them. Every per-sample random draw goes through
+    ``self.draws`` (``SampleDraws``), which makes it a function of the global sample index.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws = SampleDraws()
 
     def train(self, mode: bool = True) -> "Objective":
         """Switch the objective's modules, keeping a frozen ``teacher`` (CD, PD) in eval mode."""
@@ -61,13 +148,17 @@ def copy_net_weights(student: nn.Module, teacher: nn.Module) -> None:
     s_net.load_state_dict(t_state)
 
 
-def drop_labels(labels: Tensor | None, p_uncond: float) -> Tensor | None:
+def drop_labels(
+    labels: Tensor | None, p_uncond: float, draws: SampleDraws | None = None
+) -> Tensor | None:
     """Ho & Salimans 2022, Alg. 1: zero each label row with probability ``p_uncond``.
 
-    All-zero rows are the networks' "no class", so one model learns the conditional and the
-    unconditional denoiser that ``cm.guidance.cfg`` combines.
+    All-zero rows (class one-hots ``[N, L]`` or text contexts ``[N, L, D]``) are the networks'
+    "no condition", so one model learns the conditional and the unconditional denoiser that
+    ``cm.guidance.cfg`` combines. The mask comes from ``draws`` (the objective's, so it depends
+    on the global sample index), else from the global RNG.
     """
     if labels is None or p_uncond == 0:
         return labels
-    keep = torch.rand(labels.shape[0], device=labels.device) >= p_uncond
-    return labels * keep.view(-1, 1).to(labels.dtype)
+    keep = (draws or SampleDraws()).rand(labels.shape[0], labels.device) >= p_uncond
+    return labels * keep.view(-1, *[1] * (labels.ndim - 1)).to(labels.dtype)

@@ -99,10 +99,10 @@ class ConsistencyObjective(Objective):
         """Interval indices ``i`` in ``[0, N-2]`` (pairs ``t_i < t_{i+1}``), ``[n]``."""
         match self.index_sampling:
             case "uniform":
-                return torch.randint(0, len(t) - 1, (n,), device=t.device)
+                return self.draws.randint(0, len(t) - 1, n, t.device)
             case "lognormal":
                 probs = lognormal_index_probs(t, self.p_mean, self.p_std).to(t.device)
-                return torch.multinomial(probs, n, replacement=True)
+                return self.draws.multinomial(probs, n)
 
     def weight(self, t_cur: Tensor, t_next: Tensor) -> Tensor:
         """lambda(t_n): 1 (Song et al. 2023) or 1 / (t_{n+1} - t_n) (Song & Dhariwal 2023)."""
@@ -140,7 +140,7 @@ class ConsistencyObjective(Objective):
         i = self.sample_indices(t, x0.shape[0])
         t_cur, t_next = t[i], t[i + 1]  # float64 [N]
         weight = self.weight(t_cur, t_next)
-        z = torch.randn_like(x0)
+        z = self.draws.randn_like(x0)
         x_next = x0 + column(t_next, x0) * z
         x_cur = self.target_input(x0, z, x_next, t_cur, t_next, labels)
         f_next, f_cur = self.online_and_target(denoiser, x_next, t_next, x_cur, t_cur, labels)

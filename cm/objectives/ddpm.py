@@ -102,10 +102,10 @@ class DDPMLoss(Objective):
         """Timesteps ``[n]`` and their loss weights ``1 / (T p_t)`` ``[n]``."""
         ready = self.importance_sampling and bool((self.history_count == self.history).all())
         if not ready:
-            return torch.randint(0, T, (n,), device=device), torch.ones(n, device=device)
+            return self.draws.randint(0, T, n, device), torch.ones(n, device=device)
         p = self.loss_history.pow(2).mean(1).sqrt()
         p = (p / p.sum()) * (1 - self.uniform_prob) + self.uniform_prob / T
-        t = torch.multinomial(p, n, replacement=True).to(device)
+        t = self.draws.multinomial(p, n).to(device)
         return t, (1 / (T * p.to(device)[t])).to(torch.float32)
 
     @torch.no_grad()
@@ -178,11 +178,11 @@ class DDPMLoss(Objective):
         self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
     ) -> Tensor:
         """Per-sample loss ``[N]``: ``L_simple``, ``L_hybrid`` or ``L_vlb`` at random ``t``."""
-        labels = drop_labels(labels, self.p_uncond) if self.training else labels
+        labels = drop_labels(labels, self.p_uncond, self.draws) if self.training else labels
         T = denoiser.num_timesteps
         t, weight = self.sample_timesteps(x0.shape[0], T, x0.device)
         sigma = denoiser.sigmas.to(x0.device)[t].to(x0.dtype)
-        n = torch.randn_like(x0)
+        n = self.draws.randn_like(x0)
         x = x0 + sigma.view(-1, 1, 1, 1) * n
         eps, v = denoiser.predict(x, sigma, labels)
         mse = _mean_flat((eps - n) ** 2)
@@ -210,8 +210,8 @@ class DDPMLoss(Objective):
             if K == T:
                 t = torch.full((x0.shape[0],), lo, device=x0.device)
             else:
-                t = torch.randint(lo, hi, (x0.shape[0],), device=x0.device)
-            x = x0 + sigmas[t].view(-1, 1, 1, 1).to(x0.dtype) * torch.randn_like(x0)
+                t = self.draws.randint(lo, hi, x0.shape[0], x0.device)
+            x = x0 + sigmas[t].view(-1, 1, 1, 1).to(x0.dtype) * self.draws.randn_like(x0)
             total += (hi - lo) * self.vlb_term(denoiser, x0, x, t, labels)
         # Prior L_T = KL(q(x_T | x0) || N(0, I)) in VP coordinates.
         abar_T = 1 / (1 + sigmas[-1].to(torch.float64) ** 2)

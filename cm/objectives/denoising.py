@@ -3,11 +3,12 @@
 from torch import Tensor, nn
 
 from cm.objectives.base import Objective, drop_labels
-from cm.schedules import edm_lognormal_sigmas
 
 
 class DenoisingScoreMatching(Objective):
     """Karras et al. 2022, Eq. 8: ``lambda(sigma) ||D(y + sigma n; sigma) - y||^2``.
+
+    ``ln(sigma) ~ N(P_mean, P_std^2)`` (Table 1, as ``cm.schedules.edm_lognormal_sigmas``).
 
     ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2`` makes the effective network target
     unit-variance. The squared error is averaged over dimensions (EDM sums; with Adam only the
@@ -35,9 +36,9 @@ class DenoisingScoreMatching(Objective):
         self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
     ) -> Tensor:
         """Per-sample weighted denoising loss ``[N]``."""
-        labels = drop_labels(labels, self.p_uncond) if self.training else labels
-        sigma = edm_lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device)
+        labels = drop_labels(labels, self.p_uncond, self.draws) if self.training else labels
+        sigma = (self.draws.randn(x0.shape[0], x0.device) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        n = x0.new_empty(x0.shape).normal_()
+        n = self.draws.randn_like(x0)
         D_yn = denoiser(x0 + sigma.view(-1, 1, 1, 1) * n, sigma, labels)
         return weight * (D_yn - x0).pow(2).flatten(1).mean(1)

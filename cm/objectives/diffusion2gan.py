@@ -103,3 +103,35 @@ def mix_and_match(
     unrelated = x_real.detach().roll(-shift, dims=0)  # row i holds x_real[(i + s) % N]
     mixed = torch.where(mask[:, None, None, None], unrelated.to(x_fake.dtype), x_fake)
     return mixed, mask
+
+
+def swap_contexts(
+    x_real: Tensor,
+    x_fake: Tensor,
+    labels: Tensor,
+    mixed: Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Text mix-and-match (Kang et al. 2024, Sec. 4.2): a real image with another row's text.
+
+    Every other row that ``mix_and_match`` replaced (``mixed``) instead keeps its own real image
+    and noise and gets the text context of row ``(i + s) % N`` (a random shift ``0 < s < N``),
+    so ``D`` must also judge whether an image matches its caption. Those rows are fakes too.
+    Returns the fake images and their contexts.
+
+    Args:
+        x_real: the teacher's images ``[N, C, H, W]``.
+        x_fake: the mix-and-matched fakes.
+        labels: the text contexts ``[N, L, D]`` of the rows.
+        mixed: boolean ``[N]``, the rows ``mix_and_match`` replaced.
+        generator: RNG for the shift.
+    """
+    n = labels.shape[0]
+    rows = mixed.nonzero().flatten()[::2]
+    if n < 2 or rows.numel() == 0:
+        return x_fake, labels
+    shift = int(torch.randint(1, n, (), generator=generator))
+    x_fake, contexts = x_fake.clone(), labels.clone()
+    x_fake[rows] = x_real[rows].to(x_fake.dtype)
+    contexts[rows] = labels[(rows + shift) % n]
+    return x_fake, contexts

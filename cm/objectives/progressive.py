@@ -125,10 +125,10 @@ class ProgressiveDistillation(Objective):
         """Per-sample distillation loss ``[N]`` (Salimans & Ho 2022, Alg. 2)."""
         teacher_grid, _ = self.grids(x0.device)
         n = x0.shape[0]
-        i = torch.randint(0, self.student_steps, (n,), device=x0.device)  # student interval
+        i = self.draws.randint(0, self.student_steps, n, x0.device)  # student interval
         # student step sigma_i -> sigma_{i+1} is teacher steps 2i -> 2i+1 -> 2i+2; float64 [N]
         sigma, sigma_mid, sigma_next = (teacher_grid[2 * i + k] for k in range(3))
-        x = x0 + column(sigma, x0) * torch.randn_like(x0)
+        x = x0 + column(sigma, x0) * self.draws.randn_like(x0)
         x0_tilde = self.target(x, sigma, sigma_mid, sigma_next, labels)
         D_x = denoiser(x, sigma.to(x0.dtype), labels)
         mse = (D_x - x0_tilde.to(D_x.dtype)).pow(2).flatten(1).mean(1)

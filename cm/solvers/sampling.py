@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cm.protocols import Denoiser
 from cm.schedules import cosine_sigmas, schedule_sigmas, vp_timestep_sigmas
@@ -149,3 +149,47 @@ class Sampler:
 def _takes(fn: Callable, name: str) -> bool:
     """Whether ``fn`` accepts keyword ``name``."""
     return name in inspect.signature(fn).parameters
+
+
+@torch.no_grad()
+def generate_text_or_latent(
+    sampler: Sampler,
+    denoiser: nn.Module,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    contexts: Callable[[Sequence[int]], Tensor] | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Pixel images in ``[-1, 1]`` of a text-conditioned and/or latent denoiser, per seed.
+
+    Seed ``s`` gets the text context ``contexts([s])`` (so results do not depend on the batch
+    size); a latent denoiser (one with ``decode``, e.g. ``StableDiffusionDenoiser``) has its
+    samples decoded by its VAE, clamped after decoding, not before.
+
+    Args:
+        sampler: the solver and its grid.
+        denoiser: ``D(x, sigma, labels)``, in eval mode.
+        seeds: one per image.
+        shape: ``(C, H, W)`` the denoiser works in (latent shape for latent models).
+        contexts: text contexts ``[N, L, D]`` of seeds (e.g. ``PairDataModule.contexts``);
+            required when the denoiser's network has ``context_dim > 0``.
+        batch_size: images per solver call.
+        device: where to sample.
+    """
+    net = getattr(denoiser, "net", denoiser)
+    if getattr(net, "context_dim", 0) and contexts is None:
+        raise ValueError(
+            "Sampling a text-conditioned model needs prompts: attach a data module with a "
+            "text_encoder (PairDataModule or ImageDataModule with captions)."
+        )
+    latent = hasattr(denoiser, "decode")
+    if latent and getattr(denoiser, "vae", None) is None:
+        raise ValueError("Sampling a latent model needs its VAE to decode: set load_vae: true.")
+    images = []
+    for first in range(0, len(seeds), batch_size):
+        chunk = list(seeds[first : first + batch_size])
+        labels = contexts(chunk) if contexts is not None else None
+        x = sampler(denoiser, chunk, shape, labels, device)
+        images.append((denoiser.decode(x) if latent else x).clamp(-1, 1))
+    return torch.cat(images)

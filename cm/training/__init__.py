@@ -1,7 +1,7 @@
 """The Lightning shell: modules, data modules and callbacks (the only layer importing lightning)."""
 
 from cm.training.amed import AMEDModule
-from cm.training.callbacks import SampleGrid
+from cm.training.callbacks import SampleGrid, Throughput
 from cm.training.datamodule import ImageDataModule
 from cm.training.diffusion2gan import Diffusion2GANModule
 from cm.training.metrics import GenerativeMetrics
@@ -9,9 +9,12 @@ from cm.training.module import DenoiserModule
 from cm.training.pair_data import PairDataModule, PairDataset
 from cm.training.pairs import PairGenerator, PairSeedDataModule, PairWriter
 from cm.training.prediction import NpzWriter, SeedDataModule
+from cm.training.resilience import Preemption
+from cm.training.speed import Compile
 
 __all__ = [
     "AMEDModule",
+    "Compile",
     "DenoiserModule",
     "Diffusion2GANModule",
     "GenerativeMetrics",
@@ -22,6 +25,8 @@ __all__ = [
     "PairGenerator",
     "PairSeedDataModule",
     "PairWriter",
+    "Preemption",
     "SampleGrid",
     "SeedDataModule",
+    "Throughput",
 ]

@@ -1,5 +1,7 @@
-"""Callbacks: sample grids during training and a samples file at the end."""
+"""Callbacks: sample grids, a samples file at the end, throughput; run-dir cleanup helpers."""
 
+import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -73,3 +75,93 @@ class SampleGrid(L.Callback):
             images, labels = self._generate(pl_module, self.final_num)
             npz = save_npz(images, self._dir / "samples.npz", labels)
             rank_zero_info(f"Samples ({len(images)} images, arr_0 uint8 NHWC): {npz}")
+
+
+class Throughput(L.Callback):
+    """Log training speed: ``perf/images_per_sec`` (all ranks) and ``perf/sec_per_step``.
+
+    Averaged over the optimizer steps since the last log, every ``trainer.log_every_n_steps``
+    steps, straight to the loggers (rank 0). Images are the first tensor of each batch (or the
+    batch itself) times the world size: every rank takes an equal micro-batch.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._images, self._steps, self._last_step = 0, 0, -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        first = batch[0] if isinstance(batch, list | tuple) else batch
+        self._images += len(first) * trainer.world_size
+        step = trainer.global_step
+        if step == self._last_step:  # a micro-batch of gradient accumulation, no step yet
+            return
+        self._last_step, self._steps = step, self._steps + 1
+        if step % max(trainer.log_every_n_steps, 1) or self._start is None:
+            return
+        seconds = time.perf_counter() - self._start
+        values = {
+            "perf/images_per_sec": self._images / seconds,
+            "perf/sec_per_step": seconds / self._steps,
+        }
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+        self._start, self._images, self._steps = time.perf_counter(), 0, 0
+
+
+# -- what a failed run created (cm.cli removes it when a run fails before its first step) --
+
+
+def existing_paths(roots: list[Path], depth: int = 3) -> set[Path]:
+    """Existing paths among the ancestors of ``roots`` and their entries ``depth`` levels deep."""
+    found: set[Path] = set()
+    for root in (r.absolute() for r in roots):
+        found.update(p for p in (root, *root.parents) if p.exists())
+        level = [root] if root.is_dir() else []
+        for _ in range(depth):
+            level = [c for d in level for c in d.iterdir()]
+            found.update(level)
+            level = [c for c in level if c.is_dir() and not c.is_symlink()]
+    return found
+
+
+def run_outputs(trainer: L.Trainer, roots: list[Path]) -> list[Path]:
+    """Paths a run writes to: roots, log dirs, checkpoint dir, offline W&B run dir."""
+    outputs = list(roots)
+    for get in (
+        lambda: trainer.log_dir,
+        *(lambda lg=lg: lg.log_dir for lg in trainer.loggers),
+        lambda: trainer.checkpoint_callback.dirpath,
+        *(lambda lg=lg: Path(lg._experiment.dir).parent for lg in trainer.loggers),
+    ):
+        try:
+            path = get()
+        except Exception:  # a logger without a log_dir, or an experiment never started
+            continue
+        if path is not None:
+            outputs.append(Path(path))
+    return outputs
+
+
+def remove_new(outputs: list[Path], before: set[Path], roots: list[Path]) -> None:
+    """Delete the topmost ancestor of each output that is new since ``before``.
+
+    Never goes deeper than ``existing_paths`` looked (3 levels below a root): what it did not see
+    there might have existed before.
+    """
+    seen = {p for r in roots for p in (r.absolute(), *r.absolute().parents)}
+    for out in (o.absolute() for o in outputs):
+        for path in (*reversed(out.parents), out):
+            if path in before or not path.exists():
+                continue
+            shallow = any(
+                path.is_relative_to(r) and len(path.relative_to(r).parts) <= 3
+                for r in (r.absolute() for r in roots)
+            )
+            if path in seen or shallow:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            break

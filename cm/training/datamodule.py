@@ -1,15 +1,17 @@
 """``ImageDataModule``: one LightningDataModule for toy data, image folders, published datasets."""
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cm.data import (
+    CaptionFolderDataset,
     CIFAR10Dataset,
     DigitsDataset,
     ImageNet64Dataset,
@@ -21,7 +23,7 @@ from cm.data.stream import StepStream
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images in [-1, 1] with one-hot labels; the constructor is the ``data:`` YAML schema.
+    """Images in [-1, 1] with one-hot labels or text contexts; the ``data:`` YAML schema.
 
     ``resolution``, ``channels`` and ``label_dim`` can be read before ``setup`` (the model and the
     CLI size the network from them). ``batch_size`` is the global batch of one optimizer step, as
@@ -34,10 +36,13 @@ class ImageDataModule(L.LightningDataModule):
             mixture with an exact denoiser), ``folder`` (a folder or .zip in EDM's
             ``dataset_tool.py`` layout, labels from its ``dataset.json``), ``cifar10`` (the python
             batches, 32x32, 10 classes), ``imagenet64`` (the official downsampled ImageNet 64x64
-            ``.npz`` batches, 1000 classes) or ``lsun`` (a folder of LSUN images, unlabelled).
-        path: for ``folder``: the folder or .zip; ``cifar10``: the ``cifar-10-batches-py`` folder
-            or its parent; ``imagenet64``: the folder of ``.npz`` batches; ``lsun``: the image
-            folder. Unused for digits and mixture.
+            ``.npz`` batches, 1000 classes), ``lsun`` (a folder of LSUN images, unlabelled) or
+            ``captions`` (a folder or .zip in EDM's layout with ``captions.jsonl`` or
+            ``dataset.json`` captions, ``cm.data.captions``: batches are ``(image, text
+            context)`` through ``text_encoder``, for ``ADMUNet(context_dim=...)`` teachers).
+        path: for ``folder``/``captions``: the folder or .zip; ``cifar10``: the
+            ``cifar-10-batches-py`` folder or its parent; ``imagenet64``: the folder of ``.npz``
+            batches; ``lsun``: the image folder. Unused for digits and mixture.
         resolution: image size; digits are resized to it, mixture samples drawn at it, LSUN
             images center-cropped to it; folder, CIFAR-10 (32) and ImageNet64 (64) images must
             already have it.
@@ -54,11 +59,15 @@ class ImageDataModule(L.LightningDataModule):
         split: ``cifar10``/``imagenet64`` only: ``train`` or ``test`` (ImageNet's validation set).
         cache_dir: ``imagenet64`` only: folder for the one-time uint8 ``.npy`` cache that is
             memory-mapped in training (15.7 GB for train); defaults to ``path``.
+        text_encoder: ``captions`` only: the frozen encoder of the captions into the labels
+            ``[max_length, D]`` (``cm.networks.text.TextEncoder``; D = the net's context_dim).
     """
 
     def __init__(
         self,
-        dataset: Literal["digits", "mixture", "folder", "cifar10", "imagenet64", "lsun"] = "digits",
+        dataset: Literal[
+            "digits", "mixture", "folder", "cifar10", "imagenet64", "lsun", "captions"
+        ] = "digits",
         path: str | None = None,
         resolution: int = 8,
         batch_size: int = 64,
@@ -73,13 +82,19 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         split: Literal["train", "test"] = "train",
         cache_dir: str | None = None,
+        text_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if dataset == "folder" and not path:
+        self.save_hyperparameters(ignore=["text_encoder"])  # a network, not a setting
+        if dataset in ("folder", "captions") and not path:
             raise ValueError(
-                "dataset 'folder' needs data.path: a folder or .zip of images "
+                f"dataset '{dataset}' needs data.path: a folder or .zip of images "
                 "(EDM dataset_tool.py layout)."
+            )
+        if (dataset == "captions") != (text_encoder is not None):
+            raise ValueError(
+                "dataset 'captions' and data.text_encoder go together: give the captioned "
+                "folder a text_encoder (cm.networks.text.TextEncoder), or drop the encoder."
             )
         published = _published_class(dataset)
         if published is not None and not path:
@@ -105,6 +120,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.split = split
         self.cache_dir = cache_dir
+        self.text_encoder = text_encoder
         self._full: Dataset | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -124,6 +140,10 @@ class ImageDataModule(L.LightningDataModule):
                     self.seed,
                     self.use_labels,
                 )
+            case "captions":
+                return CaptionFolderDataset(
+                    self.path, self._resolution, self.flip, text_encoder=self.text_encoder
+                )
             case "folder" | "cifar10" | "imagenet64" | "lsun":
                 return open_dataset(
                     self.dataset_name,
@@ -137,7 +157,7 @@ class ImageDataModule(L.LightningDataModule):
             case other:
                 raise ValueError(
                     f"Unknown dataset {other!r}: choose digits, mixture, folder, cifar10, "
-                    "imagenet64 or lsun."
+                    "imagenet64, lsun or captions."
                 )
 
     def prepare_data(self) -> None:
@@ -170,6 +190,18 @@ class ImageDataModule(L.LightningDataModule):
         if published is None:
             return self.full_dataset.label_dim
         return published.num_classes if self.use_labels else 0
+
+    @property
+    def context_dim(self) -> int:
+        """Width D of the text contexts (0 without captions)."""
+        return int(getattr(self.text_encoder, "context_dim", 0))
+
+    def contexts(self, seeds: Sequence[int]) -> Tensor:
+        """Text contexts ``[N, L, D]`` for sampling: seed ``s`` gets image ``s % len``'s caption."""
+        if self.text_encoder is None:
+            raise ValueError("Text contexts need dataset 'captions' with a data.text_encoder.")
+        captions = self.full_dataset.captions
+        return self.text_encoder([captions[int(s) % len(captions)] for s in seeds])
 
     def setup(self, stage: str | None = None) -> None:
         """Split off the validation images (a fixed permutation from ``seed``)."""

@@ -10,8 +10,15 @@ pairs ``(z, x, c)`` (``cm.training.PairDataModule``):
   The adversarial term starts after ``gan_start`` iterations (GAN warm-up; D trains from the start).
 - D step (Sec. 4.2): per-position non-saturating loss on real ``(x, z, c)`` versus fake
   ``(x_hat, z, c)``, a ``mix_fraction`` of whose rows are real images of *other* rows
-  (mix-and-match), plus single-sample R1 every ``r1_interval`` iterations (lazy, scaled by the
-  interval as in StyleGAN2).
+  (mix-and-match; with text, half of those rows are instead real images with another row's
+  caption, ``swap_contexts``), plus single-sample R1 every ``r1_interval`` iterations (lazy,
+  scaled by the interval as in StyleGAN2).
+
+Latent text-to-image students (Stable Diffusion, Sec. 5): G is a trainable
+``cm.networks.stable_diffusion.StableDiffusionDenoiser`` called once at the highest trained
+timestep, ``labels`` are CLIP token embeddings from ``PairDataModule(text_encoder=...)``, the
+distance is ``cm.objectives.ELatentLPIPS``, D is ``cm.networks.sd_discriminator.SDDiscriminator``,
+and sample grids take the pairs' prompts and are decoded by G's (frozen) VAE.
 
 Lightning traps handled here: ``trainer.global_step`` counts every ``LightningOptimizer.step``;
 the D step goes straight through the strategy (precision plugin included) so that
@@ -27,12 +34,14 @@ initialises G and D and is never stored.
 import copy
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm.data.stream import step_seed
 from cm.ema import EMA
@@ -43,9 +52,10 @@ from cm.objectives.diffusion2gan import (
     is_lazy_step,
     mix_and_match,
     r1_penalty,
+    swap_contexts,
 )
 from cm.solvers.sampling import Sampler
-from cm.training.module import DenoiserModule
+from cm.training.module import DenoiserModule, finite_or_skip
 
 
 class Diffusion2GANModule(L.LightningModule):
@@ -74,6 +84,9 @@ class Diffusion2GANModule(L.LightningModule):
         ema: evaluation EMA of G; None samples with the online weights.
         sampler: how samples are drawn; the default (``cm.solvers.consistency.onestep``) is the
             one-step generator, and its ``sigma_max`` is G's input noise level in training too.
+        nonfinite: a G or D step with a NaN/Inf loss or gradient: ``"stop"`` ends the run with
+            a clear message, ``"skip"`` leaves that network, its optimizer state and the EMA
+            untouched (the step still counts) and logs ``train/skipped_steps``.
     """
 
     def __init__(
@@ -93,6 +106,7 @@ class Diffusion2GANModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         ema: EMA | None = None,
         sampler: Sampler | None = None,
+        nonfinite: Literal["skip", "stop"] = "stop",
     ) -> None:
         super().__init__()
         # As DenoiserModule: under the CLI the YAML config becomes the hparams (cm sample and
@@ -118,6 +132,7 @@ class Diffusion2GANModule(L.LightningModule):
         self.lambda_gan, self.r1_gamma, self.r1_interval = lambda_gan, r1_gamma, r1_interval
         self.mix_fraction, self.gan_start = mix_fraction, gan_start
         self.gradient_clip_val = gradient_clip_val
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         self.ema = ema
         self.ema_denoiser = None
         if ema is not None:
@@ -131,8 +146,8 @@ class Diffusion2GANModule(L.LightningModule):
     image_shape = DenoiserModule.image_shape
     label_dim = DenoiserModule.label_dim
     setup = DenoiserModule.setup
-    generate = DenoiserModule.generate
     predict_step = DenoiserModule.predict_step
+    generate = DenoiserModule.generate  # text prompts and VAE decoding included
 
     @property
     def sigma_max(self) -> float:
@@ -145,17 +160,23 @@ class Diffusion2GANModule(L.LightningModule):
             return opt_g
         return [opt_g, self.d_optimizer_factory(self.discriminator.parameters())]
 
-    def _step(self, optimizer, loss: Tensor, count: bool = True) -> None:
-        """Backward, clip and step one optimizer (``count=False``: not in ``global_step``)."""
+    def _step(self, optimizer, loss: Tensor, count: bool = True) -> bool:
+        """Backward, clip and step one optimizer (``count=False``: not in ``global_step``).
+
+        Returns False for a non-finite step under ``nonfinite="skip"``: the gradients are
+        dropped, so the optimizer step (still counted) changes no parameter and no moment.
+        """
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.gradient_clip_val is not None:
+        finite = finite_or_skip(self, loss.detach(), optimizer)
+        if finite and self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
         if count:
             optimizer.step()
         else:
             # LightningOptimizer.step = count + strategy.optimizer_step; skip the count only.
             self.trainer.strategy.optimizer_step(optimizer.optimizer, lambda: None)
+        return finite
 
     def generator_loss(self, z: Tensor, x: Tensor, labels: Tensor | None) -> tuple[Tensor, ...]:
         """``x_hat`` and ``L_G = d(x_hat, x) + lambda_GAN * L_GAN`` (Kang et al. Eq. 2, 5)."""
@@ -175,15 +196,21 @@ class Diffusion2GANModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """D's GAN loss on real vs. mix-and-matched fakes, and lazy single-sample R1 (Sec. 4.2)."""
         D = self.discriminator
-        fake, _ = mix_and_match(x, x_hat.detach(), z, labels, self.mix_fraction)
-        real_logits, fake_logits = D(x, z, labels), D(fake, z, labels)
+        fake, mixed = mix_and_match(x, x_hat.detach(), z, labels, self.mix_fraction)
+        fake_labels = labels
+        if labels is not None and labels.ndim == 3:
+            fake, fake_labels = swap_contexts(x, fake, labels, mixed)
+        real_logits, fake_logits = D(x, z, labels), D(fake, z, fake_labels)
         loss = discriminator_gan_loss(real_logits, fake_logits).mean()
         r1 = torch.zeros((), device=z.device)
         if self.r1_gamma > 0 and is_lazy_step(self.iteration, self.r1_interval):
             index = int(torch.randint(x.shape[0], ()))
             # Lazy: the penalty applied every r1_interval steps carries r1_interval times its
             # weight, so its average strength matches R1 on every step (StyleGAN2, Sec. 3.1).
-            r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index) * self.r1_interval
+            # R1 differentiates a gradient: fused attention kernels (flash, memory-efficient;
+            # e.g. diffusers' SDPA processor) have no double backward, the math kernel has.
+            with sdpa_kernel(SDPBackend.MATH):
+                r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index) * self.r1_interval
         score = torch.stack([m.mean() for m in real_logits]).mean().detach()
         return loss, r1, score
 
@@ -195,8 +222,7 @@ class Diffusion2GANModule(L.LightningModule):
         opt_g = optimizers[0] if isinstance(optimizers, list) else optimizers
 
         x_hat, reg, adv, loss_g = self.generator_loss(z, x, labels)
-        self._step(opt_g, loss_g)
-        if self.ema is not None:
+        if self._step(opt_g, loss_g) and self.ema is not None:
             batch_size = z.shape[0] * self.trainer.world_size
             self.ema.update(self.ema_denoiser, self.denoiser, self.iteration, batch_size)
         logs = {"train/loss": loss_g.detach(), "train/regression": reg.detach()}
@@ -208,6 +234,8 @@ class Diffusion2GANModule(L.LightningModule):
             logs["train/d_real"] = score
             if is_lazy_step(self.iteration, self.r1_interval):
                 logs["train/r1"] = r1.detach()
+        if self.nonfinite == "skip":
+            logs["train/skipped_steps"] = float(self.skipped_steps)
         self.log("train/loss", logs.pop("train/loss"), prog_bar=True)
         self.log_dict(logs)
         self.iteration += 1
@@ -220,7 +248,9 @@ class Diffusion2GANModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the iteration counter (lazy R1, EMA, warm-up and RNG depend on it)."""
         checkpoint["diffusion2gan_iteration"] = self.iteration
+        checkpoint["nonfinite_skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the iteration counter."""
         self.iteration = int(checkpoint.get("diffusion2gan_iteration", 0))
+        self.skipped_steps = int(checkpoint.get("nonfinite_skipped_steps", 0))

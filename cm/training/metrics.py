@@ -1,6 +1,7 @@
 """``GenerativeMetrics``: FID/IS/KID/precision/recall of generated samples during training."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -20,6 +21,20 @@ def rank_seeds(num: int, seed: int, world: int, rank: int) -> list[int]:
     return list(range(seed + rank * per_rank, seed + min((rank + 1) * per_rank, num)))
 
 
+@contextmanager
+def _count_calls(module: nn.Module | None) -> Iterator[list[int]]:
+    """``[n]``: how often ``module`` was called in the block (stays 0 for None)."""
+    calls = [0]
+    if not isinstance(module, nn.Module):
+        yield calls
+        return
+    hook = module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
 class GenerativeMetrics(L.Callback):
     """Every ``every_n_steps`` and in ``cm validate``/``cm test``: sample, then score the samples.
 
@@ -29,7 +44,9 @@ class GenerativeMetrics(L.Callback):
     ``samplers`` (default: the module's own). The metrics are torchmetrics states synced across
     ranks; they live in the callback, so metric networks stay out of checkpoints and the EMA.
     Logged as ``metrics/<name>`` for one sampler, ``metrics/<name>_<solver>_<steps>`` for several
-    (e.g. 1- and 2-step consistency sampling).
+    (e.g. 1- and 2-step consistency sampling); with several, W&B also gets a table
+    ``metrics/nfe_table`` (step, sampler, NFE, scores) and line plots ``metrics/<name>_vs_nfe``.
+    NFE is counted: the denoiser's forward calls for one batch.
 
     Args:
         reference: reference statistics (``cm eval ref``, or a guided-diffusion reference batch).
@@ -73,6 +90,7 @@ class GenerativeMetrics(L.Callback):
             pr_k=pr_k,
         )
         self.last: dict[str, float] = {}
+        self.curve: list[tuple[str, int, dict[str, float]]] = []  # (sampler, NFE, scores)
         self._step = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -97,18 +115,50 @@ class GenerativeMetrics(L.Callback):
         """Generate this rank's seeds with each sampler, sync, and return the scores."""
         seeds = rank_seeds(self.num, self.seed, trainer.world_size, trainer.global_rank)
         self.suite.to(pl_module.device)
-        out = {}
+        out, self.curve = {}, []
+        denoiser = getattr(pl_module, "eval_denoiser", None)
         for suffix, sampler in self._names():
             self.suite.reset()
+            nfe = 0
             for first in range(0, len(seeds), self.batch_size):
                 chunk = seeds[first : first + self.batch_size]
-                images, _ = pl_module.generate(chunk, sampler=sampler, batch_size=self.batch_size)
+                # NFE: the denoiser's forward calls while the first batch is generated
+                with _count_calls(denoiser if first == 0 else None) as calls:
+                    images, _ = pl_module.generate(
+                        chunk, sampler=sampler, batch_size=self.batch_size
+                    )
+                nfe = nfe or calls[0]
                 self.suite.update(to_uint8(images))
-            for key, value in self.suite.compute().items():
-                out[f"metrics/{key}{suffix}"] = float(value)
+            scores = {key: float(value) for key, value in self.suite.compute().items()}
+            out.update({f"metrics/{key}{suffix}": value for key, value in scores.items()})
+            self.curve.append((suffix.lstrip("_") or "default", nfe, scores))
         self.suite.reset()
         self.last = out
         return out
+
+    def _log_nfe_curve(self, trainer: L.Trainer) -> None:
+        """W&B table and line plots of each score against NFE (several samplers only)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if len(self.curve) < 2 or not loggers or not trainer.is_global_zero:
+            return
+        import wandb
+
+        names = list(self.curve[0][2])
+        rows = [
+            [trainer.global_step, sampler, nfe, *scores.values()]
+            for sampler, nfe, scores in sorted(self.curve, key=lambda row: row[1])
+        ]
+        for logger in loggers:
+            table = wandb.Table(columns=["step", "sampler", "nfe", *names], data=rows)
+            plots = {
+                f"metrics/{name}_vs_nfe": wandb.plot.line(
+                    table, "nfe", name, title=f"{name} vs NFE (step {trainer.global_step})"
+                )
+                for name in names
+            }
+            logger.experiment.log({"metrics/nfe_table": table, **plots})
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict) -> None:
         """Log scores (already equal on every rank) at this step.
@@ -123,6 +173,7 @@ class GenerativeMetrics(L.Callback):
         else:
             for key, value in values.items():
                 pl_module.log(key, value, rank_zero_only=True)
+        self._log_nfe_curve(trainer)
         rank_zero_info(", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102

@@ -3,6 +3,7 @@
 import copy
 import os
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -14,7 +15,7 @@ from cm.data.stream import step_seed
 from cm.ema import EMA
 from cm.io import image_spec
 from cm.objectives.base import Objective
-from cm.solvers.sampling import Sampler
+from cm.solvers.sampling import Sampler, generate_text_or_latent
 
 
 class DenoiserModule(L.LightningModule):
@@ -30,6 +31,10 @@ class DenoiserModule(L.LightningModule):
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         ema: evaluation EMA; None samples with the online weights.
         sampler: how samples are drawn (solver, steps) by callbacks, ``predict`` and ``cm sample``.
+        nonfinite: what a step with a NaN/Inf loss or gradient does: ``"stop"`` ends the run with
+            an error (the default: it usually means a diverged run, better seen at once);
+            ``"skip"`` drops the step (no optimizer, EMA or target update; the step still counts,
+            so curricula and data stay aligned) and logs ``train/skipped_steps``.
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class DenoiserModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema: EMA | None = None,
         sampler: Sampler | None = None,
+        nonfinite: Literal["skip", "stop"] = "stop",
     ) -> None:
         super().__init__()
         # Under the CLI Lightning hands us the YAML config (class_path/init_args) as hparams and
@@ -57,6 +63,7 @@ class DenoiserModule(L.LightningModule):
             self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
         self.sampler = sampler if sampler is not None else Sampler()
         self._batch_size = 0
+        self.nonfinite, self.skipped_steps = nonfinite, 0
 
     @property
     def eval_denoiser(self) -> nn.Module:
@@ -142,6 +149,7 @@ class DenoiserModule(L.LightningModule):
         """Objective (and its extra scalars, e.g. bits/dim) on held-out data, with fixed noise."""
         x0, labels = self._unpack(batch)
         total = self.total_steps(strict=False)
+        self.objective.draws.set(None)  # evaluation noise: the global RNG seeded below
         with torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)
             step = self.global_step
@@ -158,13 +166,35 @@ class DenoiserModule(L.LightningModule):
         """Same as ``validation_step`` on the test split."""
         return self._eval_loss(batch, batch_idx, "test")
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):  # noqa: D102
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Step the optimizer, then the objective's target and the EMA, once per optimizer step.
+
+        The closure (forward and backward of the last micro-batch) runs first, so a non-finite
+        loss or gradient is caught before anything absorbs it (``nonfinite``). With gradient
+        accumulation the EMA blends once per optimizer step with the whole step's batch.
+        """
         step = self.global_step
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()
+        finite = finite_or_skip(self, loss, optimizer)
+        if self.nonfinite == "skip":
+            self.log("train/skipped_steps", float(self.skipped_steps))
+        if not finite:
+            return
+        # The closure already ran: the optimizer gets its result (clipping and the precision
+        # plugin's hooks still run inside `optimizer.step`).
+        optimizer.step(closure=lambda: loss)
         self.objective.after_optimizer_step(self.denoiser, step, self.total_steps())
         if self.ema is not None:
             batch = self._batch_size * self.trainer.accumulate_grad_batches
             self.ema.update(self.ema_denoiser, self.denoiser, step, batch)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the skipped-step counter across resumes."""
+        checkpoint["nonfinite_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the skipped-step counter (0 for checkpoints written before it existed)."""
+        self.skipped_steps = int(checkpoint.get("nonfinite_skipped_steps", 0))
 
     @torch.no_grad()
     def generate(
@@ -174,13 +204,36 @@ class DenoiserModule(L.LightningModule):
         sampler: Sampler | None = None,
         batch_size: int = 256,
     ) -> tuple[Tensor, Tensor | None]:
-        """EMA-denoiser images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic), classes."""
+        """EMA-denoiser images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic), classes.
+
+        A text model (``context_dim > 0``) takes seed ``s``'s prompt from the attached data module
+        (``contexts``: ``ImageDataModule`` with captions, ``PairDataModule`` of text pairs); a
+        latent model (one with ``decode``, e.g. ``StableDiffusionDenoiser``) is decoded into
+        pixels by its VAE. Both return no class labels.
+        """
         denoiser = self.eval_denoiser
         was_training = denoiser.training
         denoiser.eval()
-        out = (sampler or self.sampler).generate(
-            denoiser, seeds, self.image_shape, self.label_dim, class_label, batch_size, self.device
-        )
+        sampler = sampler or self.sampler
+        if hasattr(denoiser, "decode") or getattr(self.net, "context_dim", 0):
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            contexts = getattr(dm, "contexts", None)
+            out = (
+                generate_text_or_latent(
+                    sampler, denoiser, seeds, self.image_shape, contexts, batch_size, self.device
+                ),
+                None,
+            )
+        else:
+            out = sampler.generate(
+                denoiser,
+                seeds,
+                self.image_shape,
+                self.label_dim,
+                class_label,
+                batch_size,
+                self.device,
+            )
         denoiser.train(was_training)
         return out
 
@@ -191,18 +244,60 @@ class DenoiserModule(L.LightningModule):
         return to_uint8(self.generate(batch.tolist())[0])
 
     def on_train_batch_start(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        """Seed the global RNG from ``(run seed, micro-batch, rank)`` before the objective draws.
+        """Key the objective's draws to the global sample index; seed dropout per rank.
 
-        Every rank draws its own noise, sigmas and dropout masks (a shared ``seed_everything``
-        would give all ranks the same ones, shrinking the effective batch of noise draws), and
-        micro-batch ``k`` of a resumed run draws exactly what it drew in the original run, with no
-        RNG state in the checkpoint. The trailing 1 keeps this stream apart from the data
-        stream's augmentation seeds (``StepStream``), which use the same keys.
+        The objective's noise, sigmas and label masks (``Objective.draws``) come from a seed of
+        ``(run seed, optimizer step)`` shared by all ranks, each rank keeping the slice of its
+        samples in the step's batch: ``world_size`` ranks (and ``accumulate_grad_batches``
+        micro-batches) draw exactly what one process draws for the whole batch, so a DDP run
+        matches a single-process run with the global batch. Network dropout masks come from the
+        global RNG seeded by ``(run seed, micro-batch, rank)``: they differ per rank. A resumed
+        run redraws what the original drew at the same step, with no RNG state in the checkpoint.
+        The trailing 1 and 2 keep these streams apart from the data stream's seeds.
         """
-        accumulate = self.trainer.accumulate_grad_batches
-        micro = self.global_step * accumulate + batch_idx % accumulate
+        trainer, accumulate = self.trainer, self.trainer.accumulate_grad_batches
+        micro_index = batch_idx % accumulate
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(step_seed(seed, micro, self.global_rank, 1))
+        micro = trainer.global_step * accumulate + micro_index
+        torch.manual_seed(step_seed(seed, micro, trainer.global_rank, 1))
+        n, world = len(batch[0]), trainer.world_size
+        offset = (micro_index * world + trainer.global_rank) * n
+        total = n * world * accumulate
+        self.objective.draws.set(step_seed(seed, trainer.global_step, 2), offset, total)
+
+
+def all_finite(trainer: L.Trainer, loss: Tensor | None, optimizer) -> bool:
+    """Whether ``loss`` and the gradients of ``optimizer``'s parameters are finite on every rank.
+
+    One all-reduced flag, so all ranks take the same decision. Under a 16-bit ``GradScaler`` the
+    scaler owns this decision (it skips the step and lowers the scale): True.
+    """
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return True
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    finite = loss is None or bool(torch.isfinite(loss).all())
+    if finite and grads:
+        finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    return trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+
+def finite_or_skip(module: L.LightningModule, loss: Tensor | None, optimizer) -> bool:
+    """Whether to step ``optimizer``: its loss and gradients are finite on every rank.
+
+    Otherwise the module's ``nonfinite`` policy applies: ``"stop"`` raises one clear error,
+    ``"skip"`` drops the gradients (an optimizer step then changes no parameter or moment) and
+    counts the step in ``module.skipped_steps``.
+    """
+    if all_finite(module.trainer, loss, optimizer):
+        return True
+    optimizer.zero_grad(set_to_none=True)
+    module.skipped_steps += 1
+    if module.nonfinite == "stop":
+        raise ValueError(
+            f"Non-finite loss or gradients at step {module.global_step}: the run diverged; lower "
+            "the learning rate, or set model.init_args.nonfinite=skip to skip such steps."
+        )
+    return False
 
 
 _NET_KEYS = {"resolution": "img_resolution", "channels": "in_channels", "label_dim": "label_dim"}

@@ -7,6 +7,7 @@ The shards and ``index.json`` are written by ``cm predict`` with ``cm.training.p
 import bisect
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,22 @@ class PairDataset(Dataset):
         self._open.move_to_end(k)
         return self._open[k]
 
+    def caption(self, i: int) -> str:
+        """The prompt of pair ``i`` (text-to-image pairs only)."""
+        if not self.has_captions:
+            raise ValueError(f"The pairs in {self.root} have class labels, not captions.")
+        k = bisect.bisect_right(self.starts, i) - 1
+        if k not in self._captions:
+            self._captions[k] = json.loads(self._shard(k).metadata()["captions"])
+        return self._captions[k][i - self.starts[k]]
+
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor | str]:
         """``z [C,H,W]``, ``x [C,H,W]`` as float32 and the one-hot label ``[label_dim]``."""
         k = bisect.bisect_right(self.starts, i) - 1
         j, f = i - self.starts[k], self._shard(k)
         z, x = (f.get_slice(n)[j : j + 1][0].float() for n in ("z", "x"))
         if self.has_captions:
-            if k not in self._captions:
-                self._captions[k] = json.loads(f.metadata()["captions"])
-            caption = self._captions[k][j]
+            caption = self.caption(i)
             if self.text_encoder is None:
                 return z, x, caption
             return z, x, self.text_encoder([caption])[0]
@@ -152,6 +160,20 @@ class PairDataModule(L.LightningDataModule):
         """Open the pairs listed in the index."""
         if self.train_set is None:
             self.train_set = PairDataset(self.root, self.index, text_encoder=self.text_encoder)
+
+    def contexts(self, seeds: Sequence[int]) -> Tensor:
+        """Text contexts ``[N, L, D]`` for sampling: seed ``s`` gets pair ``s % len``'s prompt.
+
+        A text-to-image student's sample grids thus show the prompts it was distilled on.
+        """
+        if self.text_encoder is None or "captions" not in self.index:
+            raise ValueError(
+                "Sampling a text-to-image student needs text pairs and data.init_args."
+                "text_encoder (the teacher's cm.networks.text.TextEncoder)."
+            )
+        self.setup("predict")
+        n = len(self.train_set)
+        return self.text_encoder([self.train_set.caption(int(s) % n) for s in seeds])
 
     # The same resumable, rank-aware StepStream as ImageDataModule (it reads only batch_size,
     # seed, num_workers, train_set and the trainer), so pairs and images are batched alike.

@@ -1,13 +1,12 @@
 """Solver benchmarks: error vs NFE of the training-free ODE solvers against a converged reference.
 
 ``bench_solvers`` is a pure function (no Lightning, no files); ``write_csv``, ``write_markdown``
-and ``write_plot`` turn its records into ``solvers.csv``, ``solvers.md`` and ``solvers.png``.
+and ``write_plot`` (``cm.bench.report``) turn its records into ``solvers.csv``, ``solvers.md`` and
+``solvers.png``.
 Every solver starts from the same seeded noise (``SeededNoise``) as the reference, Heun's method
 (Karras et al. 2022, Alg. 1) on a fine Karras grid, so the RMSE is the discretisation error alone.
 """
 
-import csv
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from cm.bench.report import solver_tables, write_csv, write_markdown, write_plot
 from cm.io import to_uint8
 from cm.protocols import Denoiser
 from cm.schedules import Schedule
@@ -213,84 +213,6 @@ def _run_learned(predictor: Any, denoiser: Denoiser, x: Tensor, labels: Tensor |
     return fn(denoiser, x, predictor.grid(), labels, predictor=predictor.to(x.device))
 
 
-def _columns(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[int]]:
-    """Solver names and NFE budgets in first-seen order."""
-    names = list(dict.fromkeys(r["solver"] for r in records))
-    nfes = list(dict.fromkeys(r["nfe"] for r in records))
-    return names, nfes
-
-
-def markdown_table(records: Sequence[dict[str, Any]], key: str = "rmse") -> str:
-    """Rows NFE, columns solvers, ``key`` (rmse or fid) to 4 significant digits; ``—``: not run."""
-    names, nfes = _columns(records)
-    cell = {(r["solver"], r["nfe"]): r.get(key) for r in records}
-    lines = ["| NFE | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-    for nfe in nfes:
-        values = [cell.get((n, nfe)) for n in names]
-        lines.append(
-            f"| {nfe} | " + " | ".join("—" if v is None else f"{v:.4g}" for v in values) + " |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """One row per (solver, NFE): ``solver,nfe,steps,rmse,fid`` (empty where not run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["solver", "nfe", "steps", "rmse", "fid"])
-        writer.writeheader()
-        for r in records:
-            writer.writerow({k: "" if r.get(k) is None else r[k] for k in writer.fieldnames})
-    return path
-
-
-def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """``markdown_table`` to ``path``: RMSE, then FID when it was measured."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_tables(records))
-    return path
-
-
-def _tables(records: Sequence[dict[str, Any]]) -> str:
-    """The RMSE table, and the FID table under it when any cell has one."""
-    text = "RMSE to the reference solution\n\n" + markdown_table(records)
-    if any(r.get("fid") is not None for r in records):
-        text += "\nFID\n\n" + markdown_table(records, "fid")
-    return text
-
-
-def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Log-scale RMSE vs NFE, one line per solver (matplotlib's Agg canvas, no pyplot state)."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names, _ = _columns(records)
-    fig = Figure(figsize=(6.4, 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colors = matplotlib.colormaps["tab20"].colors  # 20 distinct colours; learned solvers dashed
-    for i, name in enumerate(names):
-        points = [(r["nfe"], r["rmse"]) for r in records if r["solver"] == name and r["rmse"]]
-        points = [(n, v) for n, v in points if math.isfinite(v)]
-        style = "--" if name.startswith("amed") else "-"
-        if points:
-            ax.plot(*zip(*points, strict=True), style, marker="o", label=name, color=colors[i % 20])
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("RMSE to reference")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def bench_parser():
     """Arguments of ``cm bench solvers``."""
     from jsonargparse import ArgumentParser
@@ -443,6 +365,6 @@ def bench_main(args: Sequence[str]) -> Path:
     write_csv(records, out / "solvers.csv")
     write_markdown(records, out / "solvers.md")
     write_plot(records, out / "solvers.png", f"{title}, {cfg.schedule} grid, {cfg.num} seeds")
-    print(_tables(records))
+    print(solver_tables(records))
     print(f"Wrote solvers.csv, solvers.md and solvers.png to {out}")
     return out
