@@ -180,7 +180,7 @@ def test_step_stream_ranks_workers_and_resume():
         return [b[0] for b in itertools.islice(iter(loader), n)]
 
     base = batches(6)
-    # two workers interleave in step order and flips depend only on (seed, step, rank)
+    # two workers interleave in step order; flips depend only on (seed, position in the stream)
     assert all(torch.equal(a, b) for a, b in zip(base, batches(6, workers=2), strict=True))
     # resuming at step 4 gives steps 4 and 5 again
     assert all(torch.equal(a, b) for a, b in zip(base[4:], batches(2, start_step=4), strict=True))

@@ -76,6 +76,9 @@ class StepStream(IterableDataset):
             samples = []
             with torch.random.fork_rng(devices=[]):
                 for position, index in enumerate(self.indices(step), first):
-                    torch.manual_seed(step_seed(self.seed, position))
+                    # The CPU generator alone: datasets augment on the CPU, and torch.manual_seed
+                    # would also queue lazy CUDA/XPU/MTIA seeding (a stack capture per call, a
+                    # third of a CPU quickstart step at one call per sample).
+                    torch.default_generator.manual_seed(step_seed(self.seed, position))
                     samples.append(self.dataset[index])
             yield from samples
