@@ -92,6 +92,13 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
         ) from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """The ``--device`` of the CLIs: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def check_output(path: str | Path) -> Path:
     """Fail early, before any work, if ``path`` cannot be written as an output file."""
     path = Path(path)

@@ -8,10 +8,9 @@ import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from jsonargparse import ArgumentParser
 
-from cm.io import Format
+from cm.io import Format, resolve_device
 
 
 def sample_parser() -> ArgumentParser:
@@ -116,9 +115,7 @@ def sample_main(args: Sequence[str]) -> Path:
     for out in (cfg.out, cfg.grid):
         if out is not None:
             check_output(out)
-    device = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
     denoiser = denoiser.to(device)
     shape, label_dim = image_spec(denoiser)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cm.bench.report import solver_tables, write_csv, write_markdown, write_plot
-from cm.io import to_uint8
+from cm.io import resolve_device, to_uint8
 from cm.protocols import Denoiser
 from cm.schedules import Schedule
 from cm.solvers import amed, amed_plugin, dpm2, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, unipc
@@ -314,9 +314,7 @@ def bench_main(args: Sequence[str]) -> Path:
         raise ValueError(f"--nfe budgets must be integers >= 1, got {cfg.nfe}.")
     if cfg.num < 1:
         raise ValueError(f"--num must be >= 1, got {cfg.num}.")
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
     if cfg.oracle == "mixture":
         from cm.oracle import RandomGaussianMixture
 

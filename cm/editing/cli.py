@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cm.editing.loop import edit, interpolation_alphas, slerp, start
 from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes, half_mask
-from cm.io import Format, atomic_path, image_spec, save_grid, to_uint8
+from cm.io import Format, atomic_path, image_spec, resolve_device, save_grid, to_uint8
 from cm.solvers.consistency import multistep, onestep
 from cm.solvers.sampling import SeededNoise
 
@@ -178,9 +178,7 @@ def edit_main(args: Sequence[str]) -> Path:
     from cm.sample import _import_solver, _sampler_from
 
     cfg = edit_parser().parse_args(list(args))
-    device = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     files = [] if cfg.task == "interpolate" else list_images(_required(cfg.input, cfg.task))
     denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
     denoiser = denoiser.to(device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cm.io import atomic_path
+from cm.io import atomic_path, resolve_device
 from cm.metrics.features import build_extractor, import_feature
 from cm.metrics.reference import compute_reference
 from cm.metrics.suite import METRICS, MetricSuite
@@ -31,13 +31,6 @@ FEATURE_HELP = (
 def resolve_feature(feature: str) -> str | nn.Module:
     """``inception``/``clip`` as they are; an import path ``pkg.module.Class`` instantiated."""
     return feature if feature in ("inception", "clip") else import_feature(feature)
-
-
-def _device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _read_samples(path: Path, hint: str = "write one with `cm sample --out FILE`") -> np.ndarray:
@@ -165,7 +158,7 @@ def ref_main(
         raise ValueError(f"Reading the data config '{data}' needs the cm CLI: cm eval ref --data.")
     feature = resolve_feature(cfg.feature)
     extractor = build_extractor(feature, cfg.clip_model, cfg.clip_pretrained)
-    extractor = extractor.to(_device(cfg.device))
+    extractor = extractor.to(resolve_device(cfg.device))
     out = compute_reference(batches, extractor, cfg.out, cfg.num, gaussian)
     with np.load(out) as ref:
         print(f"Wrote {int(ref['num_images'])} {extractor.name} reference features to {out}")
@@ -187,7 +180,7 @@ def samples_main(args: Sequence[str]) -> dict[str, float]:
         cfg.pr_k,
         cfg.clip_model,
         cfg.clip_pretrained,
-        device=_device(cfg.device),
+        device=resolve_device(cfg.device),
     )
     for start in range(0, len(images), cfg.batch_size):
         suite.update(torch.from_numpy(images[start : start + cfg.batch_size]))

@@ -88,4 +88,3 @@ class TextEncoder(nn.Module):
     def forward(self, captions: Sequence[str]) -> Tensor:
         """The cross-attention context ``[N, max_length, D]`` of ``captions``."""
         return self.encode(captions)[0]
-

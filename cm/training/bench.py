@@ -213,9 +213,8 @@ def train_parser() -> ArgumentParser:
     return p
 
 
-def _run(args: Sequence[str], opts, speed: Compile, count_flops: bool) -> dict[str, Any] | None:
-    """Build module and data from ``args``, run the timed fit; rank 0 returns its row."""
-    cli = _cli(args)
+def _run(cli, opts, speed: Compile, count_flops: bool) -> dict[str, Any] | None:
+    """Run the timed fit of a freshly built ``_cli``; rank 0 returns its row."""
     model, data = cli.model, cli.datamodule
     if opts.synthetic:
         if not hasattr(data, "resolution"):
@@ -272,19 +271,22 @@ def train_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     opts = train_parser().parse_args(own)
     if opts.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {opts.steps}.")
+    # The eager run's build also tells which Compile callback the config has; the compiled run
+    # gets a fresh build (compilation is in place), made after the eager one is released.
+    cli = _cli(args)
     configured = next(
-        (c for c in _cli(args).trainer_config.get("callbacks") or [] if isinstance(c, Compile)),
-        None,
+        (c for c in cli.trainer_config.get("callbacks") or [] if isinstance(c, Compile)), None
     )
     channels_last = opts.channels_last
     if channels_last is None:
         channels_last = configured is not None and configured.channels_last
     mode = opts.compile or (configured.mode if configured is not None else None)
     mode = None if mode == "none" else mode
-    runs = [Compile(compile=False, channels_last=channels_last)]
+    rows = [_run(cli, opts, Compile(compile=False, channels_last=channels_last), True)]
+    del cli
     if mode is not None:
-        runs.append(Compile(mode=mode, backend=opts.backend, channels_last=channels_last))
-    rows = [_run(args, opts, speed, count_flops=i == 0) for i, speed in enumerate(runs)]
+        compiled = Compile(mode=mode, backend=opts.backend, channels_last=channels_last)
+        rows.append(_run(_cli(args), opts, compiled, False))
     if rows[0] is None:  # not global rank 0
         return []
     peak, device = opts.peak_tflops, rows[0]["_device"]
@@ -331,7 +333,7 @@ def sample_parser() -> ArgumentParser:
 
 def sample_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     """``cm bench sample``: 1-step vs N-step rows as a Markdown table and a CSV file."""
-    from cm.io import image_spec, load_denoiser
+    from cm.io import image_spec, load_denoiser, resolve_device
 
     own, args = _split(argv, {f"--{a.dest}" for a in sample_parser()._actions})
     opts = sample_parser().parse_args(own)
@@ -341,9 +343,7 @@ def sample_main(argv: Sequence[str]) -> list[dict[str, Any]]:
         denoiser, _ = load_denoiser(opts.ckpt_path, None, "auto", True)
     else:
         denoiser = _cli(args).model.eval_denoiser
-    device = opts.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(opts.device)
     denoiser = denoiser.to(device).eval().requires_grad_(False)
     shape, label_dim = image_spec(denoiser)
     net = getattr(denoiser, "net", denoiser)
@@ -355,7 +355,7 @@ def sample_main(argv: Sequence[str]) -> list[dict[str, Any]]:
         warmup=opts.warmup, repeats=opts.repeats, autocast=autocast,
     )  # fmt: skip
     for row in rows:
-        row["device"] = _device_name(torch.device(device))
+        row["device"] = _device_name(device)
         row["precision"], row["compile"] = opts.precision, opts.compile or "eager"
     print(markdown_rows(rows))
     print(f"Wrote {write_rows(rows, opts.out)}", file=sys.stderr)
