@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from cm.errors import UserError
 from cm.sample import sample_main, sample_parser  # noqa: F401 - public entry points
 from cm.training.callbacks import existing_paths, remove_new, run_outputs
 
@@ -88,7 +89,7 @@ def _check_ckpt_path(path: str | None) -> None:
     try:  # torch.save writes a zip; a truncated one has no central directory at its end
         zipfile.ZipFile(path).close()
     except zipfile.BadZipFile:
-        raise ValueError(
+        raise UserError(
             f"Checkpoint '{path}' is truncated or not a torch checkpoint: pass an intact .ckpt "
             "written by cm fit."
         ) from None
@@ -155,11 +156,12 @@ def main(args: Sequence[str] | None = None) -> None:
 def is_user_error(e: BaseException) -> bool:
     """Whether ``e`` is the user's to fix: bad arguments/config, files, or one of cm's checks.
 
-    That is: a command-line/config parse error, an ``OSError`` (missing, unreadable or
-    unwritable files), a Lightning ``MisconfigurationException``, or a ``ValueError`` raised by
-    cm's own code. A ``ValueError`` raised inside torch or another library is treated as a bug.
+    That is: a ``cm.errors.UserError`` (raised where cm validates an input), a command-line or
+    config parse error (argparse/jsonargparse), an ``OSError`` (missing, unreadable or unwritable
+    files) or a Lightning ``MisconfigurationException``. Anything else, a ``ValueError`` from cm's
+    own code included, is a bug and keeps its traceback.
     """
-    if isinstance(e, ArgumentError | OSError | MisconfigurationException):
+    if isinstance(e, UserError | ArgumentError | OSError | MisconfigurationException):
         return True
     if not isinstance(e, ValueError):
         return False
@@ -167,7 +169,7 @@ def is_user_error(e: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     module = "" if tb is None else tb.tb_frame.f_globals.get("__name__", "")
-    return module.split(".")[0] in ("cm", "jsonargparse")
+    return module.split(".")[0] == "jsonargparse"  # jsonargparse's own validation of a config
 
 
 def one_line(e: BaseException) -> str:
@@ -222,7 +224,7 @@ def run(args: Sequence[str] | None = None) -> None:
 
             eval_main(rest, config_batches)
         case ["bench", *_]:
-            raise ValueError(
+            raise UserError(
                 "Unknown benchmark: use cm bench solvers, train or sample (each has --help)."
             )
         case _:

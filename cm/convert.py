@@ -21,6 +21,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.networks.adm import ADMUNet, AttentionBlock
 from cm.networks.ncsnpp import FIRResample, NCSNpp
 
@@ -166,7 +167,7 @@ def convert_edm(state: Mapping[str, Tensor], net: NCSNpp) -> dict[str, Tensor]:
 
     def remap(key: str, t: Tensor) -> tuple[str, Tensor] | None:
         if key.endswith(".resample_filter") and t.shape not in filters:
-            raise ValueError(
+            raise UserError(
                 f"EDM key {key!r} has a {list(t.shape)} resampling filter that the NCSNpp "
                 f"config does not build: {NCSNPP_HINT}."
             )
@@ -190,18 +191,18 @@ def _remap(
             continue
         new, t = mapped
         if new not in target:
-            raise ValueError(
+            raise UserError(
                 f"Checkpoint key {key!r} (as {new!r}) has no place in the network: {hint}."
             )
         if t.shape != target[new].shape:
-            raise ValueError(
+            raise UserError(
                 f"Checkpoint key {key!r} becomes {new!r} of shape {list(t.shape)}, but the "
                 f"network's is {list(target[new].shape)}: {hint}."
             )
         out[new] = t
     missing = [k for k in target if k not in out]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"The checkpoint has no tensor for the network's {missing[0]!r} "
             f"({len(missing)} missing in all): {hint}."
         )

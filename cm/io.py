@@ -12,11 +12,7 @@ the key remaps of ``cm.convert``. EDM's ``network-snapshot-*.pkl`` is a pickle o
 """
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cm.convert import convert_edm, convert_openai, network_of
+from cm.errors import UserError
+from cm.files import atomic_open, atomic_path, check_output  # noqa: F401 - cm.io names
 from cm.networks import ADMUNet, NCSNpp
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -86,7 +84,7 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip (RuntimeError), pickled code (UnpicklingError), ...
         what = "pickled code" if "Weights only load failed" in str(e) else "truncated or corrupt"
-        raise ValueError(
+        raise UserError(
             f"Cannot load '{path}' with weights_only=True ({type(e).__name__}: {what}): pass a "
             "checkpoint or state dict of tensors saved by torch.save, from a source you trust."
         ) from None
@@ -99,37 +97,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_output(path: str | Path) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written as an output file."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"Output '{path}' is a directory: pass a file name.")
-    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"Cannot write '{path}': '{parent}' is not a writable directory.")
-    return path
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path next to ``path`` that takes its name only if the block completes.
-
-    A crash or an error leaves the old file (or none) and no partial one: write to the yielded
-    path. The temporary name keeps ``path``'s suffix (``np.savez`` and PIL go by it).
-    """
-    path = check_output(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}"
-    )
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def image_spec(denoiser: Any) -> tuple[tuple[int, int, int], int]:
     """``((C, H, W), label_dim)`` of a denoiser's images: from its network, or an oracle's means."""
     net = getattr(denoiser, "net", denoiser)
@@ -140,7 +107,7 @@ def image_spec(denoiser: Any) -> tuple[tuple[int, int, int], int]:
     means = getattr(denoiser, "means", None)  # cm.oracle mixtures: [K, C, H, W]
     if means is not None:
         return tuple(int(n) for n in means.shape[1:]), label_dim
-    raise ValueError(
+    raise UserError(
         "Cannot tell the image shape of this denoiser (no network with img_resolution, no "
         "oracle means): pass the shape explicitly, e.g. image_shape [3, 32, 32]."
     )
@@ -159,8 +126,8 @@ def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None
     arrays = {"arr_0": images.numpy()}
     if labels is not None:
         arrays["arr_1"] = labels.cpu().numpy()
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **arrays)
+    with atomic_open(path) as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
     return path
 
 
@@ -178,7 +145,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     nrow = nrow or math.ceil(math.sqrt(len(x)))
     grid = make_grid(x, nrow=nrow, padding=scale, pad_value=255).permute(1, 2, 0).numpy()
     with atomic_path(path) as tmp:
-        Image.fromarray(grid[..., 0] if images.shape[-1] == 1 else grid).save(tmp)
+        Image.fromarray(grid[..., 0] if images.shape[-1] == 1 else grid).save(tmp, format="PNG")
     return path
 
 
@@ -199,7 +166,7 @@ def load_checkpoint(
     hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
     config = hparams.get("denoiser")
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(
+        raise UserError(
             f"'{path}' holds no denoiser config: checkpoints written by `cm fit` have one; "
             "for a module built in Python use cm.io.export with the constructor config."
         )
@@ -259,7 +226,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if isinstance(config, dict) and "class_path" not in config:
         config = config.get("denoiser")
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(
+        raise UserError(
             f"'{path}' holds no denoiser config: give it a top-level class_path and init_args "
             "(e.g. class_path: cm.precond.EDMPrecond) as in configs/teachers/."
         )
@@ -274,12 +241,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code: EDM snapshots, whole modules
-        raise ValueError(
+        raise UserError(
             f"'{path}' is not a plain state dict of tensors ({type(e).__name__}): save "
             "model.state_dict() with torch.save, or extract EDM snapshots as cm.io describes."
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
+        raise UserError(
             f"'{path}' is not a flat state dict of tensors: save model.state_dict() itself."
         )
     return state
@@ -313,7 +280,7 @@ def load_denoiser(
         )
     if format == "auto":
         if not (path.is_dir() or path.suffix == ".ckpt"):
-            raise ValueError(
+            raise UserError(
                 f"Cannot tell the format of '{path}': pass format openai, openai_legacy or edm "
                 "(with the denoiser architecture) for a published checkpoint."
             )
@@ -321,7 +288,7 @@ def load_denoiser(
     if format == "cm":
         return load_any(path, ema)
     if denoiser is None:
-        raise ValueError(
+        raise UserError(
             f"Loading '{path}' as format {format!r} needs the denoiser architecture: pass a "
             "denoiser config (cm sample --denoiser FILE.yaml), e.g. configs/teachers/*.yaml."
         )
@@ -344,7 +311,7 @@ def _convert(state: dict[str, Tensor], net: nn.Module, format: Format) -> dict[s
             return convert_edm(state, net)
         case _:
             wanted = "cm.networks.NCSNpp" if format == "edm" else "cm.networks.ADMUNet"
-            raise ValueError(
+            raise UserError(
                 f"Format {format!r} loads into {wanted}, but the denoiser's network is a "
                 f"{type(net).__name__}: fix the denoiser config or the format."
             )
@@ -436,7 +403,7 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu") -
     hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
     config = hparams.get("predictor")
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(
+        raise UserError(
             f"'{path}' holds no AMED predictor: train one with cm fit --config "
             "configs/amed_*.yaml and pass its .ckpt."
         )

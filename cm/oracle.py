@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 
 def _as_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     """Broadcast ``sigma`` to ``[N, 1]`` float64 on ``x``'s device."""
@@ -94,7 +96,7 @@ class GaussianMixture(nn.Module):
         ``x(t) = m + (x(t0) - m) sqrt((s^2 + t^2) / (s^2 + t0^2))``.
         """
         if self.num_components != 1:
-            raise ValueError("GaussianMixture.flow is exact only for one component; use K=1.")
+            raise UserError("GaussianMixture.flow is exact only for one component; use K=1.")
         s2 = self.stds[0] ** 2
         scale = torch.sqrt((s2 + sigma_to**2) / (s2 + sigma_from**2))
         m = self.means[0].to(x.device)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from cm.errors import UserError
 from cm.io import Format, resolve_device
 
 
@@ -156,10 +157,10 @@ def _generate_text_or_latent(cfg, sampler, denoiser, seeds, shape, device):
     contexts = None
     if cfg.prompt is not None or cfg.text_encoder is not None:
         if cfg.prompt is None or cfg.text_encoder is None:
-            raise ValueError("A text-to-image model needs both --prompt and --text_encoder.")
+            raise UserError("A text-to-image model needs both --prompt and --text_encoder.")
         contexts = prompt_contexts(cfg.text_encoder, cfg.prompt)
     elif getattr(getattr(denoiser, "net", None), "context_dim", 0):
-        raise ValueError(
+        raise UserError(
             "This model is text-conditioned: give --prompt TEXT (or @FILE) and --text_encoder "
             "with its training YAML."
         )
@@ -173,16 +174,16 @@ def _check_sample_args(cfg, label_dim: int) -> None:
     for name in ("num", "batch_size", "steps"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value}.")
+            raise UserError(f"--{name} must be a positive integer, got {value}.")
     sigmas = cfg.sigmas
     pairs = zip(sigmas[:-1], sigmas[1:], strict=True) if sigmas else ()
     if sigmas is not None and (not sigmas or min(sigmas) < 0 or any(a <= b for a, b in pairs)):
-        raise ValueError(
+        raise UserError(
             f"--sigmas must be non-negative and strictly decreasing, got {sigmas}: e.g. "
             "[80.0,0.661] for 2-step consistency sampling."
         )
     if cfg.class_label is not None and not 0 <= cfg.class_label < label_dim:
-        raise ValueError(
+        raise UserError(
             f"--class_label {cfg.class_label} is out of range: this model has "
             + (f"classes 0..{label_dim - 1}." if label_dim else "no classes (drop the option).")
         )
@@ -199,14 +200,14 @@ def _use_predictor(sampler, cfg, device: str) -> None:
     from cm.solvers import amed, amed_plugin
 
     if cfg.predictor is None:
-        raise ValueError(f"--solver {cfg.solver} needs --predictor: a trained AMED .ckpt.")
+        raise UserError(f"--solver {cfg.solver} needs --predictor: a trained AMED .ckpt.")
     if cfg.steps is not None or cfg.sigmas is not None:
-        raise ValueError(
+        raise UserError(
             "An AMED predictor samples on the grid it was trained for: drop --steps/--sigmas "
             "(train another predictor for another NFE)."
         )
     if cfg.solver is not None and cfg.solver not in AMED_SOLVERS:
-        raise ValueError(f"--predictor is for --solver amed or amed_plugin, not {cfg.solver}.")
+        raise UserError(f"--predictor is for --solver amed or amed_plugin, not {cfg.solver}.")
     predictor = load_predictor(cfg.predictor).to(device)
     fn = amed if predictor.solver == "amed" else amed_plugin
     sampler.solver = partial(fn, predictor=predictor)
@@ -221,7 +222,7 @@ def _import_solver(path: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        raise ValueError(
+        raise UserError(
             f"--solver {path!r} is not an importable function: use e.g. cm.solvers.heun or "
             "cm.solvers.consistency.multistep."
         ) from None

@@ -6,6 +6,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cm.errors import UserError
+
 
 def karras_sigmas(
     num_steps: int,
@@ -20,7 +22,7 @@ def karras_sigmas(
     (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for ``i < n``; with ``n = 1`` only ``sigma_max``.
     """
     if num_steps < 1:
-        raise ValueError(f"karras_sigmas needs num_steps >= 1, got {num_steps}.")
+        raise UserError(f"karras_sigmas needs num_steps >= 1, got {num_steps}.")
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     if num_steps == 1:
         ramp = torch.zeros(1, dtype=torch.float64)
@@ -109,7 +111,7 @@ def vp_betas(schedule: str = "linear", num_timesteps: int = 1000) -> Tensor:
             alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
             return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         case _:
-            raise ValueError(f"Unknown beta schedule '{schedule}': use 'linear' or 'cosine'.")
+            raise UserError(f"Unknown beta schedule '{schedule}': use 'linear' or 'cosine'.")
 
 
 def vp_sigmas(betas: Tensor) -> Tensor:
@@ -130,7 +132,7 @@ def vp_timestep_sigmas(sigmas: Tensor, num_steps: int) -> Tensor:
     """
     T = len(sigmas)
     if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be in [1, {T}] for a {T}-step model, got {num_steps}.")
+        raise UserError(f"num_steps must be in [1, {T}] for a {T}-step model, got {num_steps}.")
     t = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long()
     grid = sigmas.to(torch.float64).cpu()[t]
     return torch.cat([grid, grid.new_zeros(1)])
@@ -144,7 +146,7 @@ def cosine_sigmas(num_steps: int, sigma_max: float = 80.0) -> Tensor:
     ``2n`` steps contains the grid of ``n`` steps, as progressive distillation needs.
     """
     if num_steps < 1:
-        raise ValueError(f"cosine_sigmas needs num_steps >= 1, got {num_steps}.")
+        raise UserError(f"cosine_sigmas needs num_steps >= 1, got {num_steps}.")
     i = torch.arange(num_steps, -1, -1, dtype=torch.float64)
     return torch.tan(i / num_steps * math.atan(sigma_max))
 
@@ -167,7 +169,7 @@ def schedule_sigmas(
             return logsnr_sigmas(num_steps, sigma_min, sigma_max)
         case "time_uniform":
             return time_uniform_sigmas(num_steps, sigma_min, sigma_max)
-    raise ValueError(f"Unknown schedule {schedule!r}: use karras, logsnr or time_uniform.")
+    raise UserError(f"Unknown schedule {schedule!r}: use karras, logsnr or time_uniform.")
 
 
 # diff-sampler's name for EDM's grid (``schedule_type="polynomial"``): the same function.
@@ -185,7 +187,7 @@ def logsnr_sigmas(
     ``lambda = -log sigma`` in EDM coordinates, so uniform logSNR is geometric in sigma.
     """
     if num_steps < 1:
-        raise ValueError(f"logsnr_sigmas needs num_steps >= 1, got {num_steps}.")
+        raise UserError(f"logsnr_sigmas needs num_steps >= 1, got {num_steps}.")
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     if num_steps == 1:
         ramp = torch.zeros(1, dtype=torch.float64)
@@ -208,7 +210,7 @@ def time_uniform_sigmas(
     times are ``(1 + i / (n - 1) (eps_s^(1/rho) - 1))^rho`` (uniform for ``rho = 1``).
     """
     if num_steps < 1:
-        raise ValueError(f"time_uniform_sigmas needs num_steps >= 1, got {num_steps}.")
+        raise UserError(f"time_uniform_sigmas needs num_steps >= 1, got {num_steps}.")
     log_max, log_min = math.log1p(sigma_max**2), math.log1p(sigma_min**2)
     beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
     beta_min = log_max - beta_d / 2

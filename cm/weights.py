@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from cm.errors import UserError
+from cm.files import atomic_path
+
 
 @dataclass(frozen=True)
 class WeightsFile:
@@ -62,7 +65,7 @@ def clip_weights(model: str = "ViT-L-14", pretrained: str = "openai") -> Weights
 
     cfg = get_pretrained_cfg(model, pretrained)
     if not cfg:
-        raise ValueError(
+        raise UserError(
             f"open_clip has no pretrained tag {pretrained!r} for {model!r}: see "
             "open_clip.list_pretrained() for the available pairs."
         )
@@ -87,7 +90,7 @@ def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return dict(state)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(
+        raise UserError(
             f"Cannot read the CLIP weights '{path}' ({type(error).__name__}): download the file "
             "again (`cm weights fetch clip:MODEL:TAG`)."
         ) from None
@@ -115,7 +118,7 @@ def load_open_clip(model: str = "ViT-L-14", pretrained: str = "openai") -> tuple
     missing, unexpected = clip.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "logit_bias"]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"'{path}' does not fit open_clip's {model} ({len(missing)} missing, "
             f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]!r}): check "
             "that the model and pretrained tag name the file's architecture."
@@ -137,7 +140,7 @@ def entry(name: str | WeightsFile) -> WeightsFile:
         _, model, tag = (name.split(":") + ["", ""])[:3]
         return clip_weights(model or "ViT-L-14", tag or "openai")
     if name not in REGISTRY:
-        raise ValueError(
+        raise UserError(
             f"Unknown weights {name!r}: choose from {', '.join(REGISTRY)} or clip:MODEL:TAG."
         )
     return REGISTRY[name]
@@ -168,8 +171,6 @@ def fetch(name: str | WeightsFile, directory: str | Path | None = None) -> Path:
         return find(spec)
     except FileNotFoundError:
         pass
-    from cm.io import atomic_path
-
     target_dir = Path(directory) if directory is not None else weights_dirs()[0]
     target = target_dir / spec.filename
     try:
@@ -179,7 +180,7 @@ def fetch(name: str | WeightsFile, directory: str | Path | None = None) -> Path:
             if spec.sha256_prefix is not None:
                 digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
                 if not digest.startswith(spec.sha256_prefix):
-                    raise ValueError(
+                    raise UserError(
                         f"Download of {spec.url} has SHA-256 {digest[:12]}..., expected "
                         f"{spec.sha256_prefix}...: retry, or fetch the file by hand."
                     )
@@ -232,4 +233,4 @@ def weights_main(args: Sequence[str]) -> None:
             for name in names:
                 print(f"{name:12s} {fetch(name, cfg.dir)}")
         case _:
-            raise ValueError(f"Unknown action {cfg.action!r}: use cm weights check or fetch.")
+            raise UserError(f"Unknown action {cfg.action!r}: use cm weights check or fetch.")

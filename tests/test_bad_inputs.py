@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from cm.cli import main
+from cm.errors import UserError
 
 ROOT = Path(__file__).parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -364,7 +365,7 @@ def test_subprocess_one_line_and_debug_traceback(tmp_path):
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
-    """Only cm's own ValueErrors, file errors and parse errors are user errors."""
+    """Only cm's UserErrors, file errors and parse errors are user errors; cm's bugs are not."""
     import json
 
     import cm.cli
@@ -374,9 +375,12 @@ def test_bugs_keep_their_traceback(monkeypatch):
     with pytest.raises(ValueError) as library:
         json.loads("{")  # raised inside the json module: a bug if it reaches main
     assert not is_user_error(library.value)
-    with pytest.raises(IsADirectoryError) as mine:
+    with pytest.raises(UserError) as mine:
         check_output(ROOT)
     assert is_user_error(mine.value)
+    with pytest.raises(ValueError) as bug:
+        int("x")  # a ValueError raised in cm's own frame is still a bug, not "error: ..."
+    assert not is_user_error(bug.value)
 
     def broken(args):
         raise RuntimeError("shape mismatch")

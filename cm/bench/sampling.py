@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cm.errors import UserError
 from cm.protocols import Denoiser
 from cm.schedules import karras_sigmas
 from cm.solvers import heun
@@ -82,7 +83,7 @@ def time_sampling(
         autocast: run under ``torch.autocast`` with this dtype (e.g. bfloat16), or None.
     """
     if batch_size < 1 or heun_steps < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("batch_size, heun_steps and repeats must be >= 1 and warmup >= 0.")
+        raise UserError("batch_size, heun_steps and repeats must be >= 1 and warmup >= 0.")
     device = next(iter(denoiser.parameters())).device
     generator = torch.Generator(device).manual_seed(0)
     x = sigma_max * torch.randn(batch_size, *shape, device=device, generator=generator)

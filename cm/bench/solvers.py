@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from cm.bench.report import solver_tables, write_csv, write_markdown, write_plot
+from cm.errors import UserError
 from cm.io import resolve_device, to_uint8
 from cm.protocols import Denoiser
 from cm.schedules import Schedule
@@ -75,7 +76,7 @@ def solver_names(names: Sequence[str] | None = None) -> list[str]:
     for name in names:
         canonical = ALIASES.get(name, name)
         if canonical not in SOLVERS:
-            raise ValueError(
+            raise UserError(
                 f"Unknown solver {name!r}: choose from {', '.join(['euler', 'ddim', *SOLVERS])}."
             )
         out.append(canonical)
@@ -148,12 +149,12 @@ def bench_solvers(
     """
     names = solver_names(solvers)
     if not nfes or min(nfes) < 1:
-        raise ValueError(f"NFE budgets must be integers >= 1, got {list(nfes)}.")
+        raise UserError(f"NFE budgets must be integers >= 1, got {list(nfes)}.")
     if ref_steps < 2:
-        raise ValueError(f"The reference needs at least 2 Heun steps, got {ref_steps}.")
+        raise UserError(f"The reference needs at least 2 Heun steps, got {ref_steps}.")
     seeds = list(seeds)
     if not seeds:
-        raise ValueError("The benchmark needs at least one seed (--num >= 1).")
+        raise UserError("The benchmark needs at least one seed (--num >= 1).")
     grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     counter = CountingDenoiser(denoiser)
     plan = [(name, nfe, SOLVERS[name].steps(nfe)) for name in names for nfe in nfes]
@@ -308,12 +309,12 @@ def bench_main(args: Sequence[str]) -> Path:
     """``cm bench solvers``: the solver table and plot for a checkpoint or the mixture oracle."""
     cfg = bench_parser().parse_args(list(args))
     if (cfg.ckpt_path is None) == (cfg.oracle is None):
-        raise ValueError("cm bench solvers needs exactly one of --ckpt_path or --oracle mixture.")
+        raise UserError("cm bench solvers needs exactly one of --ckpt_path or --oracle mixture.")
     names = solver_names(cfg.solvers)
     if min(cfg.nfe) < 1:
-        raise ValueError(f"--nfe budgets must be integers >= 1, got {cfg.nfe}.")
+        raise UserError(f"--nfe budgets must be integers >= 1, got {cfg.nfe}.")
     if cfg.num < 1:
-        raise ValueError(f"--num must be >= 1, got {cfg.num}.")
+        raise UserError(f"--num must be >= 1, got {cfg.num}.")
     device = resolve_device(cfg.device)
     if cfg.oracle == "mixture":
         from cm.oracle import RandomGaussianMixture

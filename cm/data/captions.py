@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cm.data.datasets import FolderDataset
+from cm.errors import UserError
 
 CAPTIONS_JSONL = "captions.jsonl"
 FILE_KEYS, TEXT_KEYS = ("file", "file_name"), ("text", "caption")
@@ -32,7 +33,7 @@ def _pick(entry: dict, keys: tuple[str, ...], line: int) -> str:
     for key in keys:
         if key in entry:
             return str(entry[key])
-    raise ValueError(
+    raise UserError(
         f"{CAPTIONS_JSONL} line {line} has none of the keys {', '.join(keys)}: write "
         '{"file": ..., "text": ...} per line.'
     )
@@ -72,7 +73,7 @@ def captions_for(
         )
     missing = [f for f in fnames if f not in table]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"The captions of '{where}' miss {len(missing)} image(s), e.g. '{missing[0]}': give "
             "every image a caption."
         )
@@ -145,7 +146,7 @@ def read_prompts(path: str) -> list[str]:
     if path.endswith(".jsonl"):
         lines = [_pick(json.loads(line), TEXT_KEYS, i) for i, line in enumerate(lines, 1)]
     if not lines:
-        raise ValueError(f"The captions file '{path}' holds no prompts.")
+        raise UserError(f"The captions file '{path}' holds no prompts.")
     return lines
 
 
@@ -203,7 +204,7 @@ def prompt_contexts(config: str, prompt: str) -> Callable[[Sequence[int]], Tenso
     if isinstance(spec, dict) and "class_path" not in spec:
         spec = ((spec.get("data") or {}).get("init_args") or {}).get("text_encoder")
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(
+        raise UserError(
             f"'{config}' holds no text encoder: give a training config with "
             "data.init_args.text_encoder or a class_path/init_args file."
         )

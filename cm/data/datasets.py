@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cm.errors import UserError
 from cm.oracle import GaussianMixture
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -154,7 +155,7 @@ class FolderDataset(Dataset):
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
         if os.path.isfile(self.path) and not self._is_zip:
-            raise ValueError(
+            raise UserError(
                 f"'{self.path}' is not a readable .zip (truncated or another format): give a "
                 "folder of images or re-create the zip (EDM dataset_tool.py --dest=*.zip)."
             )
@@ -171,7 +172,7 @@ class FolderDataset(Dataset):
         self.shape = (1 if gray else 3, height, width)
         if width != height or (resolution is not None and resolution != height):
             wanted = "square images" if resolution is None else f"{resolution}x{resolution}"
-            raise ValueError(
+            raise UserError(
                 f"Images in '{self.path}' are {width}x{height} ({self.fnames[0]}) but {wanted} "
                 f"were asked for: resize them with EDM's dataset_tool.py --resolution="
                 f"{resolution or max(width, height)}x{resolution or max(width, height)} "
@@ -231,7 +232,7 @@ class FolderDataset(Dataset):
             img = Image.open(io.BytesIO(self._read(fname)))
             img.load()  # decode now: a truncated file fails here, not deep in a DataLoader
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for corrupt images
-            raise ValueError(
+            raise UserError(
                 f"Cannot read image '{fname}' in '{self.path}' ({' '.join(str(e).split())}): "
                 "replace or delete the file."
             ) from None
@@ -246,7 +247,7 @@ class FolderDataset(Dataset):
         table = {name.replace("\\", "/"): label for name, label in entries}
         missing = [f for f in self.fnames if f not in table]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"dataset.json in '{self.path}' has no label for {len(missing)} image(s), e.g. "
                 f"'{missing[0]}': list every image or set use_labels to false."
             )
@@ -285,7 +286,7 @@ class FolderDataset(Dataset):
         fname = self.fnames[idx]
         with self._open(fname) as img:
             if img.size != (self.shape[2], self.shape[1]):
-                raise ValueError(
+                raise UserError(
                     f"All images in '{self.path}' must have one size: '{fname}' is "
                     f"{img.size[0]}x{img.size[1]}, '{self.fnames[0]}' is "
                     f"{self.shape[2]}x{self.shape[1]}. Resize them with EDM's dataset_tool.py."

@@ -18,6 +18,7 @@ from cm.data.real import (
     list_images,
     open_dataset,
 )
+from cm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def detect_dataset(path: str | Path) -> DatasetName:
         return "folder"  # square images of one size: use them as they are
     if sizes:
         return "lsun"  # mixed sizes: center-crop and resize like LSUN
-    raise ValueError(
+    raise UserError(
         f"Cannot tell which dataset is in '{root}': pass --dataset cifar10, imagenet64, lsun or "
         "folder."
     )

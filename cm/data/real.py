@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cm.data.datasets import IMAGE_EXTENSIONS, FolderDataset, _random_hflip, one_hot
+from cm.errors import UserError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 IMAGENET64_URL = "https://image-net.org/download-images (Downsampled ImageNet 64x64)"
@@ -55,7 +56,7 @@ class _ArrayImageDataset(Dataset):
     def check_resolution(cls, resolution: int | None) -> None:
         """Raise a clear error if ``resolution`` is not the dataset's own size (None passes)."""
         if resolution is not None and resolution != cls.resolution:
-            raise ValueError(
+            raise UserError(
                 f"{cls.title} images are {cls.resolution}x{cls.resolution}, not "
                 f"{resolution}x{resolution}: set data.init_args.resolution to {cls.resolution}."
             )
@@ -113,17 +114,17 @@ def load_cifar_batch(file: str | Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, KeyError, TypeError,
             ValueError) as e:  # fmt: skip
-        raise ValueError(
+        raise UserError(
             f"'{file}' is not a CIFAR-10 python batch ({e}): re-download "
             f"cifar-10-python.tar.gz from {CIFAR10_URL}."
         ) from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(
+        raise UserError(
             f"'{file}' holds data of shape {data.shape} ({data.dtype}), not uint8 [N, 3072]: "
             f"re-download cifar-10-python.tar.gz from {CIFAR10_URL}."
         )
     if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(
+        raise UserError(
             f"'{file}' has {labels.size} labels for {len(data)} images or labels outside 0..9: "
             f"re-download cifar-10-python.tar.gz from {CIFAR10_URL}."
         )
@@ -213,7 +214,7 @@ class ImageNet64Dataset(_ArrayImageDataset):
         self._images: np.ndarray | None = None
         super().__init__(np.load(labels_file), flip, use_labels)
         if len(self._array()) != len(self.classes):
-            raise ValueError(
+            raise UserError(
                 f"The cache '{self.images_file}' has {len(self._array())} images but "
                 f"{len(self.classes)} labels: delete both imagenet64_{split}_*.npy files."
             )
@@ -277,7 +278,7 @@ def _npz_array(file: Path, key: str) -> np.ndarray:
         with np.load(file) as z:
             return np.asarray(z[key])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(
+        raise UserError(
             f"'{file}' is not a Downsampled ImageNet batch with 'data' and 'labels' ({e}): "
             f"re-download it from {IMAGENET64_URL}."
         ) from None
@@ -300,7 +301,7 @@ def _imagenet64_labels(file: Path) -> np.ndarray:
     """Class indices ``[N]`` of one batch in sorted-WordNet-id order (files number 1..1000)."""
     labels = _npz_array(file, "labels").astype(np.int64) - 1
     if labels.ndim != 1 or labels.min(initial=0) < 0 or labels.max(initial=0) > 999:
-        raise ValueError(f"'{file}' has labels outside 1..1000: re-download it.")
+        raise UserError(f"'{file}' has labels outside 1..1000: re-download it.")
     return imagenet64_class_index()[labels]
 
 
@@ -308,7 +309,7 @@ def _imagenet64_pixels(file: Path) -> np.ndarray:
     """uint8 rows ``[N, 12288]`` of one batch, each the R, G and B planes of a 64x64 image."""
     data = _npz_array(file, "data")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 64 * 64:
-        raise ValueError(
+        raise UserError(
             f"'{file}' holds data of shape {data.shape} ({data.dtype}), not uint8 [N, 12288]: "
             f"use the 64x64 batches from {IMAGENET64_URL}."
         )
@@ -327,7 +328,7 @@ def _convert_imagenet64(files: list[Path], images_file: Path, labels_file: Path)
         for file, y in zip(files, labels, strict=True):
             data = _imagenet64_pixels(file)
             if len(data) != len(y):
-                raise ValueError(f"'{file}' has {len(data)} images but {len(y)} labels.")
+                raise UserError(f"'{file}' has {len(data)} images but {len(y)} labels.")
             out[start : start + len(y)] = data.reshape(-1, 3, 64, 64)  # rows are R, G, B planes
             start += len(y)
         out.flush()
@@ -394,7 +395,7 @@ class LSUNDataset(Dataset):
         self.resolution = resolution
         self.flip = flip
         if (self.path / "data.mdb").is_file():
-            raise ValueError(
+            raise UserError(
                 f"'{self.path}' is an LSUN LMDB database: export it to image files with "
                 f"`python data.py export {self.path} --out_dir DIR` from {LSUN_URL} first."
             )
@@ -414,7 +415,7 @@ class LSUNDataset(Dataset):
             with Image.open(file) as img:
                 array = center_crop_arr(img.convert("RGB"), self.resolution)
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"Cannot read LSUN image '{file}' ({e}).") from None
+            raise UserError(f"Cannot read LSUN image '{file}' ({e}).") from None
         x = _to_unit(array.transpose(2, 0, 1))
         return _random_hflip(x) if self.flip else x, torch.zeros(0)
 
@@ -439,6 +440,4 @@ def open_dataset(
         case "lsun":
             return LSUNDataset(path, resolution or 256, flip)
         case other:
-            raise ValueError(
-                f"Unknown dataset {other!r}: choose folder, cifar10, imagenet64, lsun."
-            )
+            raise UserError(f"Unknown dataset {other!r}: choose folder, cifar10, imagenet64, lsun.")

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from cm.errors import UserError
+
 
 def step_seed(*keys: int) -> int:
     """A 32-bit seed from integer keys, e.g. ``(seed, step, rank)``: the same keys, the same seed.
@@ -50,7 +52,7 @@ class StepStream(IterableDataset):
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.global_batch = batch_size * world_size
         if len(dataset) < self.global_batch:
-            raise ValueError(
+            raise UserError(
                 f"A global batch of {self.global_batch} images is larger than the training set "
                 f"({len(dataset)} images): lower data.batch_size."
             )

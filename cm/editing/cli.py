@@ -16,6 +16,7 @@ from torch import Tensor
 
 from cm.editing.loop import edit, interpolation_alphas, slerp, start
 from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes, half_mask
+from cm.errors import UserError
 from cm.io import Format, atomic_path, image_spec, resolve_device, save_grid, to_uint8
 from cm.solvers.consistency import multistep, onestep
 from cm.solvers.sampling import SeededNoise
@@ -116,7 +117,7 @@ def check_size(path: Path, size: tuple[int, int], sizes: Sequence[int]) -> None:
     """Raise if an image of ``size = (W, H)`` is not square with a side in ``sizes``."""
     if size[0] != size[1] or size[0] not in sizes:
         want = " or ".join(f"{s}x{s}" for s in sizes)
-        raise ValueError(f"'{path}' is {size[0]}x{size[1]}; the model needs {want} (resize it).")
+        raise UserError(f"'{path}' is {size[0]}x{size[1]}; the model needs {want} (resize it).")
 
 
 def check_images(files: Sequence[Path], sizes: Sequence[int]) -> None:
@@ -131,7 +132,7 @@ def check_images(files: Sequence[Path], sizes: Sequence[int]) -> None:
 def read_mask(mask: str | None, resolution: int) -> Tensor:
     """``Omega [H, W]`` (1 = fill) from a named region or a PNG (white = fill)."""
     if mask is None:
-        raise ValueError(f"inpaint needs --mask: a PNG (white = fill) or one of {MASKS}.")
+        raise UserError(f"inpaint needs --mask: a PNG (white = fill) or one of {MASKS}.")
     if mask in MASKS:
         return half_mask(mask, resolution)
     if not Path(mask).is_file():
@@ -146,13 +147,13 @@ def write_png(image: Tensor, path: Path) -> None:
 
     a = image.numpy()
     with atomic_path(path) as tmp:
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(tmp)
+        image = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
 
 
 def write_grid(images: Tensor, path: Path, nrow: int) -> None:
     """``cm.io.save_grid`` written atomically."""
-    with atomic_path(path) as tmp:
-        save_grid(images, tmp, nrow=nrow)
+    save_grid(images, path, nrow=nrow)
 
 
 def task_operator(cfg, resolution: int) -> Operator | None:
@@ -164,7 +165,7 @@ def task_operator(cfg, resolution: int) -> Operator | None:
             return Colorize()
         case "superres":
             if resolution % cfg.patch:
-                raise ValueError(f"--patch {cfg.patch} must divide the resolution {resolution}.")
+                raise UserError(f"--patch {cfg.patch} must divide the resolution {resolution}.")
             return SuperRes(cfg.patch)
         case _:
             return None
@@ -184,7 +185,7 @@ def edit_main(args: Sequence[str]) -> Path:
     denoiser = denoiser.to(device)
     (channels, resolution, _), label_dim = image_spec(denoiser)
     if cfg.task == "colorize" and channels != 3:
-        raise ValueError(f"colorize needs a 3-channel (RGB) model; this one has {channels}.")
+        raise UserError(f"colorize needs a 3-channel (RGB) model; this one has {channels}.")
     operator = task_operator(cfg, resolution)
 
     sampler = _sampler_from(hparams.get("sampler"))
@@ -196,7 +197,7 @@ def edit_main(args: Sequence[str]) -> Path:
         sampler.sigmas = cfg.sigmas
     if cfg.task in ("sdedit", "denoise") and cfg.sigmas is None:
         if cfg.sigma is None:
-            raise ValueError(f"{cfg.task} needs --sigma, the noise level to start from.")
+            raise UserError(f"{cfg.task} needs --sigma, the noise level to start from.")
         sampler.sigma_max, sampler.sigmas = cfg.sigma, None
     sigmas = sampler.grid(denoiser)
 
@@ -255,7 +256,7 @@ def edit_main(args: Sequence[str]) -> Path:
 def _required(value: str | None, task: str) -> str:
     """``--input``, which every task but interpolate needs."""
     if value is None:
-        raise ValueError(f"{task} needs --input: an image or a folder of images.")
+        raise UserError(f"{task} needs --input: an image or a folder of images.")
     return value
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from cm.editing.operators import Operator
+from cm.errors import UserError
 from cm.protocols import Denoiser
 from cm.schedules import karras_sigmas
 from cm.solvers.consistency import multistep, onestep
@@ -118,18 +119,18 @@ def edit(
     """
     if operator is not None:
         if y is None:
-            raise ValueError("edit with an operator needs the reference image y.")
+            raise UserError("edit with an operator needs the reference image y.")
         denoiser = Replaced(denoiser, y, operator)
     if noise is not None and "noise" in inspect.signature(solver).parameters:
         options.setdefault("noise", noise.randn_like)
     if resample < 1:
-        raise ValueError(
+        raise UserError(
             f"resample counts the passes over each step: use 1 or more, not {resample}."
         )
     if resample == 1:
         x = solver(denoiser, x, sigmas, labels, **options)
     elif solver in (multistep, onestep):
-        raise ValueError("resample is for diffusion solvers; give a consistency loop more steps.")
+        raise UserError("resample is for diffusion solvers; give a consistency loop more steps.")
     else:
         draw = noise.randn_like if noise is not None else torch.randn_like
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cm.errors import UserError
+
 # ITU-R 601 luma weights, as in openai/consistency_models' iterative_colorization.
 LUMA = (0.2989, 0.5870, 0.1140)
 MaskName = Literal["left", "right", "top", "bottom", "center"]
@@ -132,7 +134,7 @@ class SuperRes(Operator):
 
     def __init__(self, patch: int) -> None:
         if patch < 1:
-            raise ValueError(f"The super-resolution patch must be >= 1, got {patch}.")
+            raise UserError(f"The super-resolution patch must be >= 1, got {patch}.")
         self.patch = patch
         self.Q = superres_matrix(patch)
 
@@ -141,7 +143,7 @@ class SuperRes(Operator):
         n, c, h, w = x.shape
         p = self.patch
         if h % p or w % p:
-            raise ValueError(f"Image sides {h}x{w} are not multiples of the patch size {p}.")
+            raise UserError(f"Image sides {h}x{w} are not multiples of the patch size {p}.")
         x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5)
         return x.reshape(n, c, (h // p) * (w // p), p * p)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from cm.errors import UserError
 from cm.metrics.features import no_autocast
 from cm.weights import load_open_clip
 
@@ -105,7 +106,7 @@ class CLIPScore(Metric):
     def update(self, image_emb: Tensor, text_emb: Tensor) -> None:
         """Add the scores of ``[N, D]`` image and text embeddings, pairwise."""
         if image_emb.shape != text_emb.shape:
-            raise ValueError(
+            raise UserError(
                 f"CLIP score needs one caption per image; got {image_emb.shape[0]} images and "
                 f"{text_emb.shape[0]} captions."
             )
@@ -116,5 +117,5 @@ class CLIPScore(Metric):
     def compute(self) -> Tensor:
         """The mean score over all images seen (on all ranks)."""
         if self.num == 0:
-            raise ValueError("CLIP score needs at least one image with a caption: pass captions=.")
+            raise UserError("CLIP score needs at least one image with a caption: pass captions=.")
         return (self.score_sum / self.num).float()

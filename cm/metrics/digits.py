@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 DEFAULT_PATH = Path(__file__).with_name("digits_features.safetensors")
 RESOLUTION = 8
 NUM_CLASSES = 10
@@ -82,7 +84,7 @@ def preprocess(images: Tensor) -> Tensor:
     if images.dtype != torch.uint8:
         raise TypeError(f"DigitsFeatures expects uint8 images, got {images.dtype}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
+        raise UserError(
             f"DigitsFeatures expects [N, C, H, W] with C in {{1, 3}}, got {tuple(images.shape)}"
         )
     x = images.to(torch.float32).mean(1, keepdim=True) / 127.5 - 1

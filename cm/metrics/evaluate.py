@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cm.errors import UserError
 from cm.io import atomic_path, resolve_device
 from cm.metrics.features import build_extractor, import_feature
 from cm.metrics.reference import compute_reference
@@ -40,14 +41,14 @@ def _read_samples(path: Path, hint: str = "write one with `cm sample --out FILE`
     try:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:
-                raise ValueError(f"'{path}' has no arr_0 (uint8 images [N, H, W, C]).")
+                raise UserError(f"'{path}' has no arr_0 (uint8 images [N, H, W, C]).")
             images = data["arr_0"]
     except (OSError, EOFError, zipfile.BadZipFile) as error:  # truncated or not an npz
-        raise ValueError(
+        raise UserError(
             f"Cannot read samples '{path}' as an .npz ({error}): write it again with cm sample."
         ) from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(
+        raise UserError(
             f"arr_0 of '{path}' is {images.dtype} {list(images.shape)}, not uint8 [N, H, W, C] "
             "with C = 1 or 3: save images as cm sample does (cm.io.save_npz)."
         )
@@ -155,7 +156,7 @@ def ref_main(
     elif yaml_batches is not None:
         batches = yaml_batches(data, cfg.batch_size)
     else:
-        raise ValueError(f"Reading the data config '{data}' needs the cm CLI: cm eval ref --data.")
+        raise UserError(f"Reading the data config '{data}' needs the cm CLI: cm eval ref --data.")
     feature = resolve_feature(cfg.feature)
     extractor = build_extractor(feature, cfg.clip_model, cfg.clip_pretrained)
     extractor = extractor.to(resolve_device(cfg.device))
@@ -171,7 +172,7 @@ def samples_main(args: Sequence[str]) -> dict[str, float]:
     samples = Path(cfg.samples)
     images = _read_samples(samples)
     if "clip_score" in cfg.metrics:
-        raise ValueError("clip_score needs captions, which a samples .npz has none of.")
+        raise UserError("clip_score needs captions, which a samples .npz has none of.")
     suite = MetricSuite(
         cfg.metrics,
         resolve_feature(cfg.feature),

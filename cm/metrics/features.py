@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.weights import REGISTRY, find
 
 INCEPTION_FEATURES = 2048
@@ -33,14 +34,14 @@ def to_nchw_uint8(images: Tensor | Any, channels: int | None = 3) -> Tensor:
     """
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8 or x.ndim != 4:
-        raise ValueError(
+        raise UserError(
             f"Expected uint8 images [N, H, W, C] or [N, C, H, W], got {x.dtype} of shape "
             f"{tuple(x.shape)}: convert with cm.io.to_uint8 first."
         )
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
     elif x.shape[1] not in (1, 3):
-        raise ValueError(
+        raise UserError(
             f"Cannot tell the channel axis of images of shape {tuple(x.shape)}: expected 1 or 3 "
             "channels first ([N, C, H, W]) or last ([N, H, W, C])."
         )
@@ -82,7 +83,7 @@ class InceptionFeatures(nn.Module):
             )
         except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
             spec = REGISTRY["inception"]
-            raise ValueError(
+            raise UserError(
                 f"'{path}' is not torch-fidelity's Inception state dict ({type(error).__name__}): "
                 f"download {spec.filename} again from {spec.url}."
             ) from None
@@ -124,7 +125,7 @@ class ModuleFeatures(nn.Module):
         with no_autocast(images.device):
             features = self.module(images)
         if features.ndim != 2 or features.shape != (images.shape[0], self.num_features):
-            raise ValueError(
+            raise UserError(
                 f"Feature module {self.name} returned shape {tuple(features.shape)}; expected "
                 f"[{images.shape[0]}, {self.num_features}] (one vector of num_features per image)."
             )
@@ -180,7 +181,7 @@ def import_feature(path: str) -> nn.Module:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        raise ValueError(
+        raise UserError(
             f"Feature {path!r} is neither inception, clip nor an importable nn.Module class "
             "(pkg.module.ClassName) with num_features."
         ) from None

@@ -11,6 +11,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from cm.errors import UserError
+
 
 def cat_state(state: list[Tensor] | Tensor) -> Tensor | None:
     """A ``cat`` state as one tensor: a list before a DDP sync, a tensor after; None if empty."""
@@ -45,7 +47,7 @@ def knn_radii(features: Tensor, k: int = 3, batch_size: int = 1024) -> Tensor:
     """
     n = features.shape[0]
     if n <= k:
-        raise ValueError(
+        raise UserError(
             f"Precision/recall with k={k} needs more than {k} samples in each set, got {n}: "
             "evaluate more images or lower pr_k."
         )
@@ -128,7 +130,7 @@ class PrecisionRecall(Metric):
         fake = cat_state(self.fake_features)
         if fake is None or fake.shape[0] <= self.k:
             n = 0 if fake is None else fake.shape[0]
-            raise ValueError(
+            raise UserError(
                 f"Precision/recall with k={self.k} needs more than {self.k} generated samples, "
                 f"got {n}."
             )

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cm.io import atomic_path
+from cm.errors import UserError
+from cm.files import atomic_open
 from cm.metrics.features import extract, to_nchw_uint8
 
 
@@ -52,7 +53,7 @@ class Reference:
         with np.load(self.path, allow_pickle=False) as data:
             images = data["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(
+            raise UserError(
                 f"Reference '{self.path}': arr_0 must be uint8 images [N, H, W, C], got "
                 f"{images.dtype} of shape {images.shape}."
             )
@@ -67,7 +68,7 @@ def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
     """
     n = features.shape[0]
     if n < 2:
-        raise ValueError(f"Reference statistics need at least 2 images, got {n}.")
+        raise UserError(f"Reference statistics need at least 2 images, got {n}.")
     f = features.double()
     mu = f.sum(0) / n
     sigma = (f.T @ f - n * torch.outer(mu, mu)) / (n - 1)
@@ -89,11 +90,11 @@ def load_reference(path: str | Path) -> Reference:
                       if k in keys}  # fmt: skip
             num_arr0 = len(data["arr_0"]) if "arr_0" in keys else 0  # arr_0 is read later
     except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot read reference '{path}' as an .npz ({error}).") from None
+        raise UserError(f"Cannot read reference '{path}' as an .npz ({error}).") from None
     mu, sigma, features = arrays.get("mu"), arrays.get("sigma"), arrays.get("features")
     has_images = "arr_0" in keys
     if (mu is None or sigma is None) and features is None and not has_images:
-        raise ValueError(
+        raise UserError(
             f"Reference '{path}' has none of mu/sigma, features or arr_0: build it with "
             "`cm eval ref`."
         )
@@ -107,9 +108,9 @@ def load_reference(path: str | Path) -> Reference:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """``np.savez`` to ``path`` atomically (``cm.io.atomic_path``)."""
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **arrays)
+    """``np.savez`` to exactly ``path``, atomically (``cm.files.atomic_open``)."""
+    with atomic_open(path) as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
     return path
 
 
@@ -136,7 +137,7 @@ def save_reference(
     else:
         mu, sigma = (np.asarray(a, dtype=np.float64) for a in gaussian)
         if mu.shape != (features.shape[1],) or sigma.shape != (features.shape[1],) * 2:
-            raise ValueError(
+            raise UserError(
                 f"mu/sigma of shapes {mu.shape}/{sigma.shape} do not fit {features.shape[1]}-d "
                 "features: they must come from the same feature extractor."
             )
@@ -181,7 +182,7 @@ def compute_reference(
         feats.append(extractor(x.to(device))[0].cpu())
         seen += x.shape[0]
     if seen < 2:
-        raise ValueError(f"Reference statistics need at least 2 images, got {seen}.")
+        raise UserError(f"Reference statistics need at least 2 images, got {seen}.")
     return save_reference(out, torch.cat(feats), extractor.name, gaussian)
 
 
@@ -191,7 +192,7 @@ def reference_features(ref: Reference, extractor: nn.Module, batch_size: int = 1
         return torch.from_numpy(ref.features).float()
     if ref.has_images:
         return extract(extractor, ref.images(), batch_size)
-    raise ValueError(
+    raise UserError(
         f"Reference '{ref.path}' holds no {extractor.name} feature bank (it has "
         f"{ref.feature} statistics): rebuild it with `cm eval ref --feature ...` for this feature."
     )
@@ -204,7 +205,7 @@ def reference_gaussian(
     if ref.feature == extractor.name and ref.mu is not None and ref.sigma is not None:
         mu, sigma = torch.from_numpy(ref.mu).double(), torch.from_numpy(ref.sigma).double()
         if mu.shape != (extractor.num_features,):
-            raise ValueError(
+            raise UserError(
                 f"Reference '{ref.path}' has {mu.shape[-1]}-d statistics but {extractor.name} "
                 f"features are {extractor.num_features}-d: rebuild it with `cm eval ref`."
             )

@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 
+from cm.errors import UserError
 from cm.metrics.clip import ClipEncoder, CLIPScore
 from cm.metrics.features import (
     INCEPTION_CLASSES,
@@ -51,7 +52,7 @@ class ReferenceFID(FrechetInceptionDistance):
         """FID from the generated sums (as torchmetrics) and the reference Gaussian."""
         n = self.fake_features_num_samples
         if n < 2:
-            raise ValueError(f"FID needs at least 2 generated samples, got {int(n)}.")
+            raise UserError(f"FID needs at least 2 generated samples, got {int(n)}.")
         mean = (self.fake_features_sum / n).unsqueeze(0)
         cov = (self.fake_features_cov_sum - n * mean.T @ mean) / (n - 1)
         return _compute_fid(self.ref_mu, self.ref_sigma, mean.squeeze(0), cov).float()
@@ -84,7 +85,7 @@ class ReferenceKID(KernelInceptionDistance):
         real = self.reference
         m = min(self.subset_size, real.shape[0], 0 if fake is None else fake.shape[0])
         if m < 2:
-            raise ValueError(f"KID needs at least 2 generated and 2 real samples, got {m}.")
+            raise UserError(f"KID needs at least 2 generated and 2 real samples, got {m}.")
         gen = torch.Generator().manual_seed(0)
         scores = []
         for _ in range(self.subsets):
@@ -113,7 +114,7 @@ class LogitsIS(InceptionScore):
     def compute(self) -> tuple[Tensor, Tensor]:
         """``(mean, std)`` of the score over the splits."""
         if cat_state(self.features) is None:
-            raise ValueError("IS needs at least one generated sample.")
+            raise UserError("IS needs at least one generated sample.")
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(0)
             warnings.filterwarnings("ignore", "std\\(\\): degrees of freedom")  # 1 split: NaN std
@@ -159,9 +160,9 @@ class MetricSuite(nn.Module):
         metrics = tuple(dict.fromkeys(metrics))  # unique, in order
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
-            raise ValueError(f"Unknown metrics {unknown}: choose among {', '.join(METRICS)}.")
+            raise UserError(f"Unknown metrics {unknown}: choose among {', '.join(METRICS)}.")
         if reference is None and any(m in NEEDS_REFERENCE for m in metrics):
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(m for m in metrics if m in NEEDS_REFERENCE)} need reference "
                 "statistics: pass reference='ref.npz' (built with `cm eval ref`)."
             )
@@ -191,7 +192,7 @@ class MetricSuite(nn.Module):
             if {"kid", "precision", "recall"} & set(metrics) or ref.feature != self.extractor.name:
                 bank = reference_features(ref, self.extractor)
                 if bank.shape[1] != self.extractor.num_features:
-                    raise ValueError(
+                    raise UserError(
                         f"Reference '{ref.path}' has {bank.shape[1]}-d features but "
                         f"{self.extractor.name} gives {self.extractor.num_features}-d: rebuild "
                         "it with `cm eval ref` and this feature."
@@ -242,7 +243,7 @@ class MetricSuite(nn.Module):
             self.metrics["is"].update(logits)
         if "clip_score" in self.metrics:
             if captions is None or len(captions) != x.shape[0]:
-                raise ValueError(
+                raise UserError(
                     f"clip_score needs one caption per image: got {x.shape[0]} images and "
                     f"{0 if captions is None else len(captions)} captions (pass captions=[...])."
                 )

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.networks.attention import CrossAttention
 from cm.networks.embeddings import check_resolution, timestep_embedding
 
@@ -145,10 +146,10 @@ class AttentionBlock(nn.Module):
         super().__init__()
         if num_head_channels != -1:
             if channels % num_head_channels:
-                raise ValueError(f"{channels} channels not divisible by {num_head_channels}/head")
+                raise UserError(f"{channels} channels not divisible by {num_head_channels}/head")
             num_heads = channels // num_head_channels
         if channels % num_heads:
-            raise ValueError(f"{channels} channels not divisible by {num_heads} heads")
+            raise UserError(f"{channels} channels not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.norm = group_norm(channels, num_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -357,7 +358,7 @@ class ADMUNet(nn.Module):
         context = None
         if labels is not None and labels.ndim == 3:
             if labels.shape[-1] != self.context_dim:
-                raise ValueError(
+                raise UserError(
                     f"Text context of width {labels.shape[-1]} given to an ADMUNet with "
                     f"context_dim={self.context_dim}: set model context_dim to the encoder width."
                 )

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.schedules import Schedule, schedule_sigmas
 
 AMEDBase = Literal["amed", "euler", "ipndm", "dpmpp"]
@@ -67,7 +68,7 @@ def _submodule(denoiser: Any, path: str) -> nn.Module:
         obj = next((getattr(obj, a) for a in ("net", "denoiser", "module") if _has(obj, a)), None)
         if obj is None:
             break
-    raise ValueError(
+    raise UserError(
         f"AMEDPredictor.feature_module {path!r} is not a submodule of the denoiser: give the "
         "dotted path of its bottleneck block, 'auto', or null for the time-only predictor."
     )
@@ -137,11 +138,11 @@ class AMEDPredictor(nn.Module):
     ) -> None:
         super().__init__()
         if num_steps < 2:
-            raise ValueError(f"AMED needs num_steps >= 2 time points, got {num_steps}.")
+            raise UserError(f"AMED needs num_steps >= 2 time points, got {num_steps}.")
         if not 1 <= max_order <= (3 if solver == "dpmpp" else 4):
-            raise ValueError(f"max_order {max_order} is out of range for solver {solver!r}.")
+            raise UserError(f"max_order {max_order} is out of range for solver {solver!r}.")
         if scale_dir < 0 or scale_time < 0:
-            raise ValueError("scale_dir and scale_time are half-widths and must be >= 0.")
+            raise UserError("scale_dir and scale_time are half-widths and must be >= 0.")
         self.num_steps, self.solver, self.schedule = num_steps, solver, schedule
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.afs, self.max_order = afs, max_order
@@ -228,7 +229,7 @@ class AMEDPredictor(nn.Module):
         elif int(self.uses_features) == 0:
             module = None
         elif module is None:
-            raise ValueError(
+            raise UserError(
                 "This AMED predictor was trained on bottleneck features, but the denoiser has no "
                 "block at feature_module: sample with the denoiser it was trained for."
             )

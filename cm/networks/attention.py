@@ -12,6 +12,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 
 class CrossAttention(nn.Module):
     """Residual multi-head cross-attention ``x + proj_out(attn(q(norm(x)), k(c), v(c)))``.
@@ -31,7 +33,7 @@ class CrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"{channels} channels not divisible by {num_heads} heads")
+            raise UserError(f"{channels} channels not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
         self.context_norm = nn.LayerNorm(context_dim)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.networks.adm import ADMUNet, Downsample, ResBlock, group_norm, zero_init
 from cm.networks.embeddings import timestep_embedding
 from cm.networks.ncsnpp import NCSNpp
@@ -94,7 +95,7 @@ class UNetDiscriminator(nn.Module):
     ) -> None:
         super().__init__()
         if sigma <= 0:
-            raise ValueError(f"The discriminator's sigma must be positive, got {sigma}.")
+            raise UserError(f"The discriminator's sigma must be positive, got {sigma}.")
         self.sigma, self.sigma_data, self.noise_scale = sigma, sigma_data, noise_scale
         self.net = net
         c = net.in_channels
@@ -151,7 +152,7 @@ class UNetDiscriminator(nn.Module):
         s_state = self.net.state_dict()
         bad = [k for k in s_state if k not in t_state or t_state[k].shape != s_state[k].shape]
         if bad or len(s_state) != len(t_state):
-            raise ValueError(
+            raise UserError(
                 f"Cannot initialise the discriminator from the teacher: their networks differ "
                 f"(e.g. at '{(bad or sorted(set(t_state) - set(s_state)))[0]}'); give "
                 "discriminator.init_args.net the teacher's network config."

@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 
 def check_resolution(img_resolution: int, channel_mult: Sequence[int]) -> None:
     """Raise a clear error unless the UNet's ``len(channel_mult) - 1`` halvings divide the size."""
     factor = 2 ** (len(channel_mult) - 1)
     if img_resolution % factor:
-        raise ValueError(
+        raise UserError(
             f"img_resolution {img_resolution} is not divisible by {factor} "
             f"(2^(len(channel_mult) - 1) for channel_mult {list(channel_mult)}): "
             "change one of them."

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 # VGG16's convolutions per stage (Simonyan & Zisserman 2015, configuration D).
 DEPTHS = (2, 2, 3, 3, 3)
 
@@ -38,7 +40,7 @@ class LatentVGG16BN(nn.Module):
     ) -> None:
         super().__init__()
         if len(widths) != len(DEPTHS):
-            raise ValueError(f"widths needs one width per VGG16 stage (5), got {list(widths)}.")
+            raise UserError(f"widths needs one width per VGG16 stage (5), got {list(widths)}.")
         self.in_channels, self.widths, self.num_classes = in_channels, tuple(widths), num_classes
         layers: list[nn.Module] = []
         self.tap_indices: list[int] = []
@@ -66,7 +68,7 @@ class LatentVGG16BN(nn.Module):
     def taps(self, x: Tensor) -> list[Tensor]:
         """Zhang et al. 2018, Sec. 3: the five stage outputs ``[N, widths[k], H_k, W_k]``."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise UserError(
                 f"LatentVGG16BN expects [N, {self.in_channels}, H, W] latents, got "
                 f"{list(x.shape)}: set in_channels to the VAE's latent channels."
             )
@@ -80,6 +82,6 @@ class LatentVGG16BN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, num_classes]`` for the latent ImageNet pre-training (Sec. 3.2)."""
         if not self.num_classes:
-            raise ValueError("This LatentVGG16BN has no classifier: build it with num_classes > 0.")
+            raise UserError("This LatentVGG16BN has no classifier: build it with num_classes > 0.")
         h = self.avgpool(self.taps(x)[-1])
         return self.classifier(torch.flatten(h, 1))

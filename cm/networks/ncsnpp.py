@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.networks.embeddings import FourierEmbedding, PositionalEmbedding, check_resolution
 
 EmbeddingType = Literal["positional", "fourier"]
@@ -75,7 +76,7 @@ class FIRResample(nn.Module):
     ) -> None:
         super().__init__()
         if mode not in ("up", "down"):
-            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
+            raise UserError(f"mode must be 'up' or 'down', got {mode!r}")
         self.mode = mode
         self.padding = (len(resample_filter) - 1) // 2 if padding is None else padding
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
@@ -200,7 +201,7 @@ class ProgressiveInput(nn.Module):
                 self.conv = conv(aux_channels, out_channels, 3, padding=1 + reach)
                 self.down = FIRResample("down", resample_filter, padding=0)
             case _:
-                raise ValueError(f"unknown progressive input {kind!r}")
+                raise UserError(f"unknown progressive input {kind!r}")
 
     def forward(self, h: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
         """Return the level's features and the ``aux`` carried to the next level."""
@@ -327,7 +328,7 @@ class NCSNpp(nn.Module):
             case "fourier":
                 self.map_noise = FourierEmbedding(noise_ch, fourier_scale)
             case _:
-                raise ValueError(f"unknown embedding_type {embedding_type!r}")
+                raise UserError(f"unknown embedding_type {embedding_type!r}")
         self.map_label = xavier(nn.Linear(label_dim, noise_ch)) if label_dim else None
         self.map_layer0 = xavier(nn.Linear(noise_ch, emb_ch))
         self.map_layer1 = xavier(nn.Linear(emb_ch, emb_ch))
@@ -350,7 +351,7 @@ class NCSNpp(nn.Module):
                     case "residual":
                         aux, aux_ch = ProgressiveInput("residual", aux_ch, ch, taps), ch
                     case _:
-                        raise ValueError(f"unknown encoder_type {encoder_type!r}")
+                        raise UserError(f"unknown encoder_type {encoder_type!r}")
                 skips.append(ch)
             blocks = []
             for _ in range(num_blocks):
@@ -377,7 +378,7 @@ class NCSNpp(nn.Module):
                 case "skip":
                     head = OutputHead(ch, out_channels, None if bottom else taps)
                 case _:
-                    raise ValueError(f"unknown decoder_type {decoder_type!r}")
+                    raise UserError(f"unknown decoder_type {decoder_type!r}")
             self.dec.append(Level(entry, blocks, head=head))
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.networks.discriminator import Cond, Features, Inject, UNetDiscriminator
 from cm.networks.stable_diffusion import _UNetEps, load_unet
 from cm.schedules import vp_sigmas
@@ -60,15 +61,15 @@ class SDDiscriminator(UNetDiscriminator):
     ) -> None:
         unet, betas, _ = load_unet(path, dtype)
         if not 0 <= timestep < len(betas):
-            raise ValueError(f"timestep must lie in 0..{len(betas) - 1}, got {timestep}.")
+            raise UserError(f"timestep must lie in 0..{len(betas) - 1}, got {timestep}.")
         extra = [k for k in ("class_embed_type", "addition_embed_type") if unet.config.get(k)]
         if extra:
-            raise ValueError(
+            raise UserError(
                 f"SDDiscriminator supports SD 1.x/2.x U-Nets (text via cross-attention only); "
                 f"'{path}' also sets {extra[0]} (e.g. SDXL)."
             )
         if type(unet.mid_block).__name__ != "UNetMidBlock2DCrossAttn":
-            raise ValueError(
+            raise UserError(
                 f"SDDiscriminator needs a cross-attention mid block (UNetMidBlock2DCrossAttn, "
                 f"as SD 1.x/2.x); '{path}' has {type(unet.mid_block).__name__}."
             )
@@ -92,7 +93,7 @@ class SDDiscriminator(UNetDiscriminator):
         if labels is None:  # only the shape probe of __init__: one zero token
             labels = emb.new_zeros(emb.shape[0], 1, self.net.context_dim)
         elif labels.ndim != 3:
-            raise ValueError(
+            raise UserError(
                 "SDDiscriminator needs text token embeddings [N, L, D] as labels "
                 "(PairDataModule with a text_encoder)."
             )

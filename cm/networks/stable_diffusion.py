@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.precond import VPPrecond
 from cm.schedules import vp_sigmas
 
@@ -46,7 +47,7 @@ def scheduler_betas(config: dict) -> Tensor:
         case "scaled_linear":  # SD: linear in sqrt(beta)
             return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
         case other:
-            raise ValueError(f"Unsupported beta_schedule {other!r}: use linear or scaled_linear.")
+            raise UserError(f"Unsupported beta_schedule {other!r}: use linear or scaled_linear.")
 
 
 class _UNetEps(nn.Module):
@@ -63,7 +64,7 @@ class _UNetEps(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         """Predicted noise ``[N, 4, h, w]``; ``labels`` is the context ``[N, L, D]``."""
         if labels is None or labels.ndim != 3:
-            raise ValueError(
+            raise UserError(
                 "Stable Diffusion needs text token embeddings [N, L, D] as labels "
                 "(cm.networks.text.TextEncoder; the empty caption for unconditional)."
             )
@@ -89,7 +90,7 @@ def load_unet(path: str, dtype: str = "float32") -> tuple[nn.Module, Tensor, Pat
         )
     config = json.loads(sched.read_text())
     if config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(
+        raise UserError(
             f"'{root}' predicts {config['prediction_type']}; only epsilon is supported."
         )
     unet = diffusers.UNet2DConditionModel.from_pretrained(
@@ -123,7 +124,7 @@ class StableDiffusionDenoiser(VPPrecond):
         trainable: bool = False,
     ) -> None:
         if trainable and dtype != "float32":
-            raise ValueError(
+            raise UserError(
                 f"A trainable StableDiffusionDenoiser keeps float32 weights, got dtype={dtype}: "
                 "use trainer.precision bf16-mixed for half-precision compute."
             )
@@ -151,7 +152,7 @@ class StableDiffusionDenoiser(VPPrecond):
 
     def _need_vae(self) -> nn.Module:
         if self.vae is None:
-            raise ValueError("This StableDiffusionDenoiser was built with load_vae=False.")
+            raise UserError("This StableDiffusionDenoiser was built with load_vae=False.")
         return self.vae
 
     @torch.no_grad()

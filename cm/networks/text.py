@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.weights import load_open_clip
 
 
@@ -48,7 +49,7 @@ class TextEncoder(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(model)
         context_length = int(getattr(self.tokenizer, "context_length", 77) or 77)
         if not 1 <= max_length <= context_length:
-            raise ValueError(f"max_length must be in 1..{context_length}, got {max_length}.")
+            raise UserError(f"max_length must be in 1..{context_length}, got {max_length}.")
         self.max_length, self.pad_with_eot = max_length, pad_with_eot
         tokens, pooled = self.encode([""])
         self.context_dim, self.pooled_dim = int(tokens.shape[-1]), int(pooled.shape[-1])

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.protocols import Denoiser
 from cm.schedules import schedule_sigmas
 from cm.solvers.amed import Point, StepPredictor, amed_interval, positive_grid
@@ -37,7 +38,7 @@ class AMEDDistillation(nn.Module):
     ) -> None:
         super().__init__()
         if teacher_substeps < 0:
-            raise ValueError(f"teacher_substeps (M) must be >= 0, got {teacher_substeps}.")
+            raise UserError(f"teacher_substeps (M) must be >= 0, got {teacher_substeps}.")
         self.teacher_solver, self.M = teacher_solver, teacher_substeps
         self.teacher_forcing = teacher_forcing
 

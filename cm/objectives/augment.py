@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cm.errors import UserError
+
 PRESETS = "bgco"
 
 # ADA's ranges (Karras et al. 2020, App. B; elatentlpips ada_aug.py defaults).
@@ -131,12 +133,12 @@ def augment(
         The augmented ``(x, y)``, differentiable with respect to both.
     """
     if unknown := set(preset) - set(PRESETS):
-        raise ValueError(
+        raise UserError(
             f"Unknown augmentation letter(s) {''.join(sorted(unknown))!r} in {preset!r}: use "
             "letters from 'bgco' (b: flip/rot90/shift, g: geometric, c: color, o: cutout)."
         )
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(
+        raise UserError(
             f"augment needs two [N, C, H, W] batches of one shape, got {x.shape}, {y.shape}."
         )
     n, _, h, w = x.shape

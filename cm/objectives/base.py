@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 
 class SampleDraws:
     """Per-sample random draws that are a function of the global sample index, not of the rank.
@@ -33,7 +35,7 @@ class SampleDraws:
         if self.seed is None:
             return n, {"device": device}
         if self.total is None or self.offset + n > self.total:
-            raise ValueError(
+            raise UserError(
                 f"A local batch of {n} at offset {self.offset} does not fit in the global batch "
                 f"of {self.total}: every rank and micro-batch must have the same batch size."
             )
@@ -140,7 +142,7 @@ def copy_net_weights(student: nn.Module, teacher: nn.Module) -> None:
     s_state, t_state = s_net.state_dict(), t_net.state_dict()
     mismatch = [k for k in s_state if k not in t_state or t_state[k].shape != s_state[k].shape]
     if mismatch or len(s_state) != len(t_state):
-        raise ValueError(
+        raise UserError(
             f"Cannot initialise the student from the teacher: their networks differ (e.g. at "
             f"'{(mismatch or sorted(set(t_state) - set(s_state)))[0]}'); give the student the "
             "teacher's network config or set init_from_teacher to false."

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.objectives.base import Objective, drop_labels
 
 
@@ -85,12 +86,12 @@ class DDPMLoss(Objective):
     def bind(self, denoiser: nn.Module) -> None:
         """Check the denoiser is a DDPM and allocate the importance sampler's history."""
         if not hasattr(denoiser, "betas") or not hasattr(denoiser, "predict"):
-            raise ValueError(
+            raise UserError(
                 "DDPMLoss trains a discrete DDPM: use cm.precond.VPPrecond or IDDPMPrecond as "
                 "the denoiser (DenoisingScoreMatching trains EDM denoisers)."
             )
         if self.loss != "simple" and not denoiser.learned_variance:
-            raise ValueError(
+            raise UserError(
                 f"loss '{self.loss}' learns the variance: use cm.precond.IDDPMPrecond with "
                 "out_channels = 2 * in_channels, or loss 'simple'."
             )

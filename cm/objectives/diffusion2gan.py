@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cm.errors import UserError
+
 Discriminator = Callable[[Tensor, Tensor, Tensor | None], list[Tensor]]
 
 
@@ -91,7 +93,7 @@ def mix_and_match(
         generator: RNG for which rows and which shift.
     """
     if not 0 <= fraction <= 1:
-        raise ValueError(f"mix_fraction must lie in [0, 1], got {fraction}.")
+        raise UserError(f"mix_fraction must lie in [0, 1], got {fraction}.")
     n = x_fake.shape[0]
     k = round(fraction * n) if n > 1 else 0
     mask = torch.zeros(n, dtype=torch.bool, device=x_fake.device)

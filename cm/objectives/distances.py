@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm import weights
+from cm.errors import UserError
 
 
 class SquaredL2(nn.Module):
@@ -89,7 +90,7 @@ class LPIPS(nn.Module):
 
         self.resize, self.pooling = resize, pooling
         if net not in LPIPS_TRUNKS:
-            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}.")
+            raise UserError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}.")
         path = weights.find(LPIPS_TRUNKS[net])
         self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,7 +99,7 @@ class LPIPS(nn.Module):
         for key in self.lpips.net.state_dict():
             _, idx, param = key.split(".")
             if f"features.{idx}.{param}" not in state:
-                raise ValueError(f"'{path}' is not a torchvision {net} checkpoint; re-download it.")
+                raise UserError(f"'{path}' is not a torchvision {net} checkpoint; re-download it.")
             trunk[key] = state[f"features.{idx}.{param}"]
         self.lpips.net.load_state_dict(trunk)
         match pooling:

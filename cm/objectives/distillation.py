@@ -5,6 +5,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.objectives.base import copy_net_weights
 from cm.objectives.consistency import ConsistencyObjective
 from cm.objectives.distances import SquaredL2
@@ -52,9 +53,9 @@ class ConsistencyDistillation(ConsistencyObjective):
         rho: float = 7.0,
     ) -> None:
         if num_scales < 2:
-            raise ValueError(f"num_scales must be at least 2 (one interval), got {num_scales}.")
+            raise UserError(f"num_scales must be at least 2 (one interval), got {num_scales}.")
         if not 0 <= mu < 1:
-            raise ValueError(f"mu must be in [0, 1), got {mu}.")
+            raise UserError(f"mu must be in [0, 1), got {mu}.")
         distance = distance if distance is not None else SquaredL2()
         super().__init__(
             distance, weighting, index_sampling, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
@@ -69,7 +70,7 @@ class ConsistencyDistillation(ConsistencyObjective):
             s_scale = getattr(denoiser, "noise_scale", None)
             t_scale = getattr(self.teacher, "noise_scale", None)
             if None not in (s_scale, t_scale) and s_scale != t_scale:
-                raise ValueError(
+                raise UserError(
                     f"The student's noise_scale ({s_scale}) differs from the teacher's "
                     f"({t_scale}): set the student's noise_scale to {t_scale} so the copied "
                     "network sees the c_noise it was trained on."
@@ -77,7 +78,7 @@ class ConsistencyDistillation(ConsistencyObjective):
             probe = torch.tensor([0.1, 1.0, 10.0])
             s_noise, t_noise = _c_noise(denoiser, probe), _c_noise(self.teacher, probe)
             if s_noise is not None and t_noise is not None and not torch.allclose(s_noise, t_noise):
-                raise ValueError(
+                raise UserError(
                     f"The student's preconditioner ({type(denoiser).__name__}) feeds the network "
                     f"another c_noise than the teacher's ({type(_module(self.teacher)).__name__}): "
                     "give the student a preconditioner with the teacher's noise conditioning, or "

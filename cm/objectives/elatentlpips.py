@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.networks.latent_vgg import LatentVGG16BN
 from cm.objectives.augment import PRESETS, augment
 
@@ -34,13 +35,13 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code; not a torch file at all
-        raise ValueError(
+        raise UserError(
             f"'{path}' is not a checkpoint of plain tensors ({type(e).__name__}): save "
             "module.state_dict() with torch.save or safetensors."
         ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise ValueError(f"'{path}' is not a state dict: save module.state_dict() with torch.save.")
+        raise UserError(f"'{path}' is not a state dict: save module.state_dict() with torch.save.")
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
 
 
@@ -80,7 +81,7 @@ def _load(module: nn.Module, state: dict[str, Tensor], path: str | Path, strict:
         module.load_state_dict(state, strict=strict)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise ValueError(
+        raise UserError(
             f"'{path}' does not fit this {type(module).__name__} ({first.strip()}): check "
             "latent_channels, widths and format."
         ) from None
@@ -101,7 +102,7 @@ def load_trunk(trunk: LatentVGG16BN, path: str | Path, format: Format = "cm") ->
     else:
         state = _submodule(state, "features.0.weight")
     if not state:
-        raise ValueError(f"'{path}' holds no latent VGG features: is format={format!r} right?")
+        raise UserError(f"'{path}' holds no latent VGG features: is format={format!r} right?")
     if not trunk.num_classes:
         state = {k: v for k, v in state.items() if k.startswith("features.")}
     _load(trunk, state, path, strict=trunk.num_classes > 0)
@@ -150,7 +151,7 @@ class ELatentLPIPS(nn.Module):
     ) -> None:
         super().__init__()
         if set(augment) - set(PRESETS):
-            raise ValueError(f"augment must use letters from 'bgco' (e.g. 'bg'), got {augment!r}.")
+            raise UserError(f"augment must use letters from 'bgco' (e.g. 'bg'), got {augment!r}.")
         self.augment, self.l1_weight, self.dropout = augment, l1_weight, dropout
         self.latent_scale, self.latent_shift = latent_scale, latent_shift
         self.trunk = LatentVGG16BN(latent_channels, widths)
@@ -168,7 +169,7 @@ class ELatentLPIPS(nn.Module):
             case "elatentlpips":
                 state = convert_published(state)
                 if not any(k.startswith("heads.") for k in state):
-                    raise ValueError(
+                    raise UserError(
                         f"'{path}' holds a latent VGG trunk but no calibrated heads: pass the "
                         f"release's <encoder>_latest_vgg16_tuned.pth from {RELEASE}."
                     )

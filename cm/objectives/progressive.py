@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.objectives.base import Objective, copy_net_weights
 from cm.schedules import cosine_sigmas
 from cm.solvers.rk import column, euler_step
@@ -66,7 +67,7 @@ class ProgressiveDistillation(Objective):
     ) -> None:
         super().__init__()
         if student_steps < 1:
-            raise ValueError(f"student_steps must be at least 1, got {student_steps}.")
+            raise UserError(f"student_steps must be at least 1, got {student_steps}.")
         self.teacher = teacher.eval().requires_grad_(False)
         self.student_steps, self.sigma_max = student_steps, sigma_max
         self.weighting, self.init_from_teacher = weighting, init_from_teacher

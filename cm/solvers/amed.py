@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from cm.errors import UserError
 from cm.protocols import Denoiser
 from cm.solvers.multistep import afs_denoised, dpmpp_step, ipndm_step
 from cm.solvers.rk import _sigma, column
@@ -127,7 +128,7 @@ def positive_grid(sigmas: Tensor) -> list[float]:
     grid = sigmas.tolist()
     grid = grid[:-1] if grid[-1] == 0 else grid
     if len(grid) < 2:
-        raise ValueError(f"AMED needs at least two positive sigmas, got {sigmas.tolist()}.")
+        raise UserError(f"AMED needs at least two positive sigmas, got {sigmas.tolist()}.")
     return grid
 
 
@@ -141,7 +142,7 @@ def _run(
 ) -> Tensor:
     """Every interval of the positive grid with one predictor."""
     if predictor is None:
-        raise ValueError(
+        raise UserError(
             "AMED needs a trained predictor: pass predictor= (cm sample --predictor FILE)."
         )
     grid, hist = positive_grid(sigmas), []
@@ -165,7 +166,7 @@ def amed(
     ``sigmas`` should be the grid the predictor was trained on (``predictor.grid()``).
     """
     if predictor is not None and predictor.solver != "amed":
-        raise ValueError(
+        raise UserError(
             f"This predictor was trained for AMED-Plugin on {predictor.solver!r}: use "
             "cm.solvers.amed_plugin."
         )
@@ -184,5 +185,5 @@ def amed_plugin(
     The base solver's update runs over ``t_n, s_n, t_{n+1}, ...``; ``2(N-1) - afs`` NFE.
     """
     if predictor is not None and predictor.solver == "amed":
-        raise ValueError("This predictor was trained for AMED-Solver: use cm.solvers.amed.")
+        raise UserError("This predictor was trained for AMED-Solver: use cm.solvers.amed.")
     return _run(denoiser, x, sigmas, labels, predictor)

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from cm.errors import UserError
 from cm.protocols import Denoiser
 from cm.solvers.ancestral import Noise, ddim
 from cm.solvers.rk import _sigma
@@ -144,7 +145,7 @@ def ipndm(
     history, as k-diffusion's ``sample_ipndm``. ``afs``: n - 1 NFE.
     """
     if not 1 <= max_order <= 4:
-        raise ValueError(f"ipndm needs 1 <= max_order <= 4, got {max_order}.")
+        raise UserError(f"ipndm needs 1 <= max_order <= 4, got {max_order}.")
     grid = sigmas.tolist()
     ds: list[Tensor] = []  # newest first
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
@@ -219,7 +220,7 @@ def unipc(
     ``D``; the last step has no corrector. A step to 0 returns the current ``D``.
     """
     if not 1 <= order <= 3:
-        raise ValueError(f"unipc needs 1 <= order <= 3, got {order}.")
+        raise UserError(f"unipc needs 1 <= order <= 3, got {order}.")
     grid = sigmas.tolist()
     D_hist, sigma_hist = [_denoised(denoiser, x, grid[0], labels, afs)], [grid[0]]
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
 from cm.protocols import Denoiser
 from cm.schedules import cosine_sigmas, schedule_sigmas, vp_timestep_sigmas
 from cm.solvers.consistency import onestep
@@ -99,7 +100,7 @@ class Sampler:
             case "vp":
                 table = getattr(denoiser, "sigmas", None)
                 if table is None:
-                    raise ValueError(
+                    raise UserError(
                         "schedule 'vp' needs a DDPM denoiser (cm.precond.VPPrecond or "
                         "IDDPMPrecond) with a timestep table; use 'karras' for other denoisers."
                     )
@@ -179,13 +180,13 @@ def generate_text_or_latent(
     """
     net = getattr(denoiser, "net", denoiser)
     if getattr(net, "context_dim", 0) and contexts is None:
-        raise ValueError(
+        raise UserError(
             "Sampling a text-conditioned model needs prompts: attach a data module with a "
             "text_encoder (PairDataModule or ImageDataModule with captions)."
         )
     latent = hasattr(denoiser, "decode")
     if latent and getattr(denoiser, "vae", None) is None:
-        raise ValueError("Sampling a latent model needs its VAE to decode: set load_vae: true.")
+        raise UserError("Sampling a latent model needs its VAE to decode: set load_vae: true.")
     images = []
     for first in range(0, len(seeds), batch_size):
         chunk = list(seeds[first : first + batch_size])

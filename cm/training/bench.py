@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cm.bench.report import markdown_rows, write_rows
 from cm.bench.sampling import measure_peak_tflops, synchronize, time_sampling
+from cm.errors import UserError
 from cm.training.speed import Compile, CompileMode, prepare
 
 # Trainer settings that change what one training step computes; the rest of the config's trainer
@@ -61,7 +62,7 @@ class StepTimer(L.Callback):
 
     def __init__(self, warmup: int, count_flops: bool = True) -> None:
         if warmup < 1:
-            raise ValueError("--warmup must be >= 1: the first timed interval starts at its end.")
+            raise UserError("--warmup must be >= 1: the first timed interval starts at its end.")
         self.warmup, self.count_flops = warmup, count_flops
         self.ends: list[float] = []
         self.flops: int | None = None
@@ -218,7 +219,7 @@ def _run(cli, opts, speed: Compile, count_flops: bool) -> dict[str, Any] | None:
     model, data = cli.model, cli.datamodule
     if opts.synthetic:
         if not hasattr(data, "resolution"):
-            raise ValueError(
+            raise UserError(
                 f"--synthetic replaces image data modules only, not {type(data).__name__}: "
                 "drop --synthetic and point the config at its data."
             )
@@ -242,7 +243,7 @@ def _run(cli, opts, speed: Compile, count_flops: bool) -> dict[str, Any] | None:
         return None
     seconds = timer.seconds()
     if not seconds:
-        raise ValueError("No timed steps ran: the data ran out; lower --warmup/--steps.")
+        raise UserError("No timed steps ran: the data ran out; lower --warmup/--steps.")
     device = timer.device
     mean = statistics.mean(seconds)
     micro = data.batch_size // (trainer.world_size * trainer.accumulate_grad_batches)
@@ -270,7 +271,7 @@ def train_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     own, args = _split(argv, {f"--{a.dest}" for a in train_parser()._actions})
     opts = train_parser().parse_args(own)
     if opts.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {opts.steps}.")
+        raise UserError(f"--steps must be >= 1, got {opts.steps}.")
     # The eager run's build also tells which Compile callback the config has; the compiled run
     # gets a fresh build (compilation is in place), made after the eager one is released.
     cli = _cli(args)
@@ -338,7 +339,7 @@ def sample_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     own, args = _split(argv, {f"--{a.dest}" for a in sample_parser()._actions})
     opts = sample_parser().parse_args(own)
     if (opts.ckpt_path is None) == (not args):
-        raise ValueError("cm bench sample needs either --ckpt_path or --config (not both).")
+        raise UserError("cm bench sample needs either --ckpt_path or --config (not both).")
     if opts.ckpt_path is not None:
         denoiser, _ = load_denoiser(opts.ckpt_path, None, "auto", True)
     else:

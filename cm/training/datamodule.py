@@ -20,6 +20,7 @@ from cm.data import (
     open_dataset,
 )
 from cm.data.stream import StepStream
+from cm.errors import UserError
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -87,24 +88,24 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["text_encoder"])  # a network, not a setting
         if dataset in ("folder", "captions") and not path:
-            raise ValueError(
+            raise UserError(
                 f"dataset '{dataset}' needs data.path: a folder or .zip of images "
                 "(EDM dataset_tool.py layout)."
             )
         if (dataset == "captions") != (text_encoder is not None):
-            raise ValueError(
+            raise UserError(
                 "dataset 'captions' and data.text_encoder go together: give the captioned "
                 "folder a text_encoder (cm.networks.text.TextEncoder), or drop the encoder."
             )
         published = _published_class(dataset)
         if published is not None and not path:
-            raise ValueError(
+            raise UserError(
                 f"dataset '{dataset}' needs data.path: the folder holding the {dataset} files."
             )
         if published is not None and published is not LSUNDataset:  # LSUN is resized to any size
             published.check_resolution(resolution)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         self.dataset_name = dataset
         self.path = path
         self._resolution = resolution
@@ -155,7 +156,7 @@ class ImageDataModule(L.LightningDataModule):
                     self.use_labels,
                 )
             case other:
-                raise ValueError(
+                raise UserError(
                     f"Unknown dataset {other!r}: choose digits, mixture, folder, cifar10, "
                     "imagenet64, lsun or captions."
                 )
@@ -199,7 +200,7 @@ class ImageDataModule(L.LightningDataModule):
     def contexts(self, seeds: Sequence[int]) -> Tensor:
         """Text contexts ``[N, L, D]`` for sampling: seed ``s`` gets image ``s % len``'s caption."""
         if self.text_encoder is None:
-            raise ValueError("Text contexts need dataset 'captions' with a data.text_encoder.")
+            raise UserError("Text contexts need dataset 'captions' with a data.text_encoder.")
         captions = self.full_dataset.captions
         return self.text_encoder([captions[int(s) % len(captions)] for s in seeds])
 
@@ -239,7 +240,7 @@ class ImageDataModule(L.LightningDataModule):
             accumulate = self.trainer.accumulate_grad_batches
             start = self.trainer.global_step * accumulate
         if self.batch_size % (world * accumulate):
-            raise ValueError(
+            raise UserError(
                 f"data.batch_size={self.batch_size} must be divisible by devices x "
                 f"accumulate_grad_batches = {world * accumulate}."
             )
@@ -291,7 +292,7 @@ def config_batches(config: Path, batch_size: int) -> Iterator[torch.Tensor]:
         raise FileNotFoundError(f"Data config '{config}' not found: give a training YAML.")
     data = (yaml.safe_load(config.read_text()) or {}).get("data")
     if not isinstance(data, dict) or "class_path" not in data:
-        raise ValueError(
+        raise UserError(
             f"'{config}' has no data: section with class_path/init_args (see configs/*.yaml)."
         )
     parser = ArgumentParser(exit_on_error=False)

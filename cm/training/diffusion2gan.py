@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm.data.stream import step_seed
 from cm.ema import EMA
+from cm.errors import UserError
 from cm.objectives.base import copy_net_weights
 from cm.objectives.diffusion2gan import (
     discriminator_gan_loss,
@@ -115,11 +116,11 @@ class Diffusion2GANModule(L.LightningModule):
             self.save_hyperparameters()
         self.automatic_optimization = False
         if lambda_gan < 0 or r1_gamma < 0 or r1_interval < 0 or gan_start < 0:
-            raise ValueError("lambda_gan, r1_gamma, r1_interval and gan_start must be >= 0.")
+            raise UserError("lambda_gan, r1_gamma, r1_interval and gan_start must be >= 0.")
         if not 0 <= mix_fraction <= 1:
-            raise ValueError(f"mix_fraction must lie in [0, 1], got {mix_fraction}.")
+            raise UserError(f"mix_fraction must lie in [0, 1], got {mix_fraction}.")
         if lambda_gan > 0 and discriminator is None:
-            raise ValueError("lambda_gan > 0 needs a discriminator (e.g. ADMDiscriminator).")
+            raise UserError("lambda_gan > 0 needs a discriminator (e.g. ADMDiscriminator).")
         if init_generator is not None or teacher is not None:
             copy_net_weights(denoiser, init_generator if init_generator is not None else teacher)
         if teacher is not None and discriminator is not None:

@@ -20,6 +20,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cm.errors import UserError
 from cm.networks.latent_vgg import LatentVGG16BN
 from cm.objectives.elatentlpips import ELatentLPIPS, load_trunk
 
@@ -37,7 +38,7 @@ class NpyFields(Dataset):
             )
         self.arrays = [np.load(root / f"{f}.npy", mmap_mode="r") for f in fields]
         if len({len(a) for a in self.arrays}) != 1:
-            raise ValueError(f"The arrays in '{root}' ({', '.join(fields)}) differ in length.")
+            raise UserError(f"The arrays in '{root}' ({', '.join(fields)}) differ in length.")
 
     def __len__(self) -> int:
         return len(self.arrays[0])
@@ -119,7 +120,7 @@ class LatentVGGClassifier(L.LightningModule):
         if _given_hyperparameters.get() is not None:
             self.save_hyperparameters()
         if not net.num_classes:
-            raise ValueError("LatentVGGClassifier needs a classifier: set net num_classes: 1000.")
+            raise UserError("LatentVGGClassifier needs a classifier: set net num_classes: 1000.")
         self.net, self.flip = net, flip
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from cm.errors import UserError
 from cm.io import to_uint8
 from cm.solvers.sampling import Sampler
 
@@ -79,7 +80,7 @@ class GenerativeMetrics(L.Callback):
         from cm.metrics import MetricSuite
 
         if num < 2:
-            raise ValueError(f"GenerativeMetrics needs num >= 2 samples, got {num}.")
+            raise UserError(f"GenerativeMetrics needs num >= 2 samples, got {num}.")
         self.num, self.every_n_steps, self.seed = num, every_n_steps, seed
         self.batch_size, self.samplers = batch_size, samplers
         self.suite = MetricSuite(

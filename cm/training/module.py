@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from cm.data.stream import step_seed
 from cm.ema import EMA
+from cm.errors import UserError
 from cm.io import image_spec
 from cm.objectives.base import Objective
 from cm.solvers.sampling import Sampler, generate_text_or_latent
@@ -100,7 +101,7 @@ class DenoiserModule(L.LightningModule):
         ]
         for name, data_value, net_value in checks:
             if data_value != net_value:
-                raise ValueError(
+                raise UserError(
                     f"The data has {name} {data_value} but the network has {name} {net_value}: "
                     f"set the net's {_NET_KEYS[name]} or data.init_args.{name} to match."
                 )
@@ -124,7 +125,7 @@ class DenoiserModule(L.LightningModule):
         if total is None or total < 1:
             if not strict:
                 return 1
-            raise ValueError("Curricula need trainer.max_steps (or objective total_steps) set.")
+            raise UserError("Curricula need trainer.max_steps (or objective total_steps) set.")
         return total
 
     @staticmethod
@@ -293,7 +294,7 @@ def finite_or_skip(module: L.LightningModule, loss: Tensor | None, optimizer) ->
     optimizer.zero_grad(set_to_none=True)
     module.skipped_steps += 1
     if module.nonfinite == "stop":
-        raise ValueError(
+        raise UserError(
             f"Non-finite loss or gradients at step {module.global_step}: the run diverged; lower "
             "the learning rate, or set model.init_args.nonfinite=skip to skip such steps."
         )

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from cm.errors import UserError
 from cm.training.datamodule import ImageDataModule
 from cm.training.pairs import INDEX
 
@@ -72,7 +73,7 @@ class PairDataset(Dataset):
     def caption(self, i: int) -> str:
         """The prompt of pair ``i`` (text-to-image pairs only)."""
         if not self.has_captions:
-            raise ValueError(f"The pairs in {self.root} have class labels, not captions.")
+            raise UserError(f"The pairs in {self.root} have class labels, not captions.")
         k = bisect.bisect_right(self.starts, i) - 1
         if k not in self._captions:
             self._captions[k] = json.loads(self._shard(k).metadata()["captions"])
@@ -138,7 +139,7 @@ class PairDataModule(L.LightningDataModule):
                 )
             self._index = json.loads(path.read_text())
             if not self._index["shards"]:
-                raise ValueError(f"{path} lists no finished shards: re-run its cm predict.")
+                raise UserError(f"{path} lists no finished shards: re-run its cm predict.")
         return self._index
 
     @property
@@ -167,7 +168,7 @@ class PairDataModule(L.LightningDataModule):
         A text-to-image student's sample grids thus show the prompts it was distilled on.
         """
         if self.text_encoder is None or "captions" not in self.index:
-            raise ValueError(
+            raise UserError(
                 "Sampling a text-to-image student needs text pairs and data.init_args."
                 "text_encoder (the teacher's cm.networks.text.TextEncoder)."
             )

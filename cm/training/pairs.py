@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from cm.data.captions import read_prompts
+from cm.errors import UserError
 from cm.io import atomic_path
 from cm.solvers.sampling import Sampler, SeededNoise, seed_labels
 
@@ -132,7 +133,7 @@ class PairGenerator(L.LightningModule):
             if sizes[name] is None:
                 sizes[name] = getattr(net, key, 0 if name == "label_dim" else None)
             if sizes[name] is None:
-                raise ValueError(
+                raise UserError(
                     f"The teacher has no net.{key}: set model.init_args.{name} explicitly."
                 )
         res = int(sizes["resolution"])
@@ -141,13 +142,13 @@ class PairGenerator(L.LightningModule):
         self.captions, self.uncond_caption, self.clamp = captions, uncond_caption, clamp
         self.prompts = read_prompts(captions) if captions else None
         if self.prompts is not None and text_encoder is None:
-            raise ValueError("captions need a text_encoder (e.g. cm.networks.text.TextEncoder).")
+            raise UserError("captions need a text_encoder (e.g. cm.networks.text.TextEncoder).")
         # Frozen, and no submodule: it stays out of checkpoints and of the teacher's dtype casts.
         self._text_encoder = [text_encoder] if self.prompts is not None else []
         if self.prompts is not None:
             self.label_dim = 0  # the labels are text embeddings, not classes
         if cfg_scale is not None and self.label_dim == 0 and self.prompts is None:
-            raise ValueError("cfg_scale needs a class-conditional teacher: set it to null.")
+            raise UserError("cfg_scale needs a class-conditional teacher: set it to null.")
 
     @property
     def denoiser(self) -> nn.Module:
@@ -192,7 +193,7 @@ class PairGenerator(L.LightningModule):
     def on_predict_start(self) -> None:
         """Refuse to run without a ``PairWriter``: the pairs would be generated and discarded."""
         if not any(isinstance(c, PairWriter) for c in self.trainer.callbacks):
-            raise ValueError(
+            raise UserError(
                 "Add cm.training.pairs.PairWriter to trainer.callbacks to save the pairs."
             )
 
@@ -248,7 +249,7 @@ class PairSeedDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if num < 1 or shard_size < 1:
-            raise ValueError(f"num and shard_size must be positive, got {num} and {shard_size}.")
+            raise UserError(f"num and shard_size must be positive, got {num} and {shard_size}.")
         self.root, self.num, self.seed, self.shard_size = Path(root), num, seed, shard_size
 
     def plan(self) -> list[range]:
@@ -300,7 +301,7 @@ class PairWriter(BasePredictionWriter):
             isinstance(trainer.datamodule, PairSeedDataModule)
             and isinstance(pl_module, PairGenerator)
         ):
-            raise ValueError(
+            raise UserError(
                 "PairWriter needs model cm.training.pairs.PairGenerator and data "
                 "cm.training.pairs.PairSeedDataModule (see configs/pairs_digits.yaml)."
             )
@@ -348,7 +349,7 @@ def _check_settings(root: Path, found: dict, wanted: dict) -> None:
     """Raise if ``root`` holds pairs made with other settings than this run's."""
     if found != wanted:
         diff = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
-        raise ValueError(
+        raise UserError(
             f"{root} holds pairs made with other settings ({', '.join(diff)}): "
             "choose another data.init_args.root or delete that directory."
         )

@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cm.errors import UserError
+
 
 class Preemption(L.Callback):
     """Write ``last.ckpt`` at the next optimizer-step boundary after SIGTERM/SIGUSR1, then exit.
@@ -41,7 +43,7 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Install the signal handlers over Lightning's (registered just before this hook)."""
         if trainer.checkpoint_callback is None:
-            raise ValueError(
+            raise UserError(
                 "cm.training.Preemption writes the ModelCheckpoint's last.ckpt: set "
                 "trainer.enable_checkpointing to true or add a ModelCheckpoint callback."
             )

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -29,7 +31,7 @@ def find_submodule(root: nn.Module, path: str) -> nn.Module:
     except AttributeError:
         module = None
     if not isinstance(module, nn.Module):
-        raise ValueError(
+        raise UserError(
             f"Compile: {type(root).__name__} has no submodule {path!r}; list existing ones in "
             "Compile's modules, e.g. denoiser.net."
         )
@@ -108,7 +110,7 @@ class Compile(L.Callback):
         """Compile each listed network once (``fit`` then ``validate`` reuse the same one)."""
         if "discriminator" in self.modules and getattr(pl_module, "r1_gamma", 0) > 0:
             if getattr(pl_module, "r1_interval", 0) > 0:
-                raise ValueError(
+                raise UserError(
                     "Compile: a compiled discriminator cannot take R1's double backward; set "
                     "model.init_args.r1_gamma: 0 or drop 'discriminator' from Compile's modules."
                 )
