@@ -1,6 +1,7 @@
 """``cm``: LightningCLI (fit/validate/test/predict) plus sample, export, data and bench."""
 
 import os
+import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -10,13 +11,16 @@ from pathlib import Path
 import lightning as L
 from jsonargparse import ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
 
 from cm.errors import UserError
+from cm.files import add_overwrite_argument, check_output_dir
+from cm.io import CONFIG, WEIGHTS, export, load_checkpoint, load_weights_only
 from cm.sample import sample_main, sample_parser  # noqa: F401 - public entry points
-from cm.training.callbacks import existing_paths, remove_new, run_outputs
+from cm.training.overrides import compare
+from cm.training.resilience import Preemption
+from cm.training.rundir import RunDir, resolve_last
+from cm.trust import add_trust_option, check_config
 
 EXTRA_COMMANDS = """extra subcommands:
   sample   generate images from a checkpoint or exported denoiser (cm sample --help)
@@ -35,42 +39,64 @@ class CMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102 - Lightning hook
         parser.set_defaults({"trainer.max_steps": 1000})
+        add_trust_option(parser)  # for the hyperparameters of --ckpt_path
 
     def instantiate_trainer(self, **kwargs):  # noqa: D102 - LightningCLI hook
         trainer = super().instantiate_trainer(**kwargs)
-        # Lightning puts checkpoints under the logger's version_N/, which a second `cm fit` (a new
-        # version) never sees: `--ckpt_path last` after a preemption would silently start over.
-        # A ModelCheckpoint without dirpath writes to <default_root_dir>/checkpoints instead.
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-                callback.dirpath = str(Path(trainer.default_root_dir).resolve() / "checkpoints")
+        # Preemption first among the callbacks (Lightning keeps ModelCheckpoints last): from its
+        # step-boundary check on, a signal may cut the other callbacks' sampling short.
+        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, Preemption))
+        config = self.config_init.get(self.subcommand) if self.subcommand else None
+        resume = None
+        if config is not None and config.get("ckpt_path") == "last":
+            # Lightning's "last" looks in one directory and silently starts over when it is empty.
+            resume = resolve_last(trainer)
+            config["ckpt_path"] = str(resume)
+        # An exclusive version_N per run: concurrent runs in one root never share a last.ckpt.
+        self.run_dir = RunDir.prepare(trainer, resume if self.subcommand == "fit" else None)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Refuse a bad ``--ckpt_path`` before Lightning reads hyperparameters from it."""
-        if subcommand := self.config.get("subcommand"):
-            _check_ckpt_path(self.config[subcommand].get("ckpt_path"))
-        super()._parse_ckpt_path()
+        """Check ``--ckpt_path`` and its hyperparameters, which are data, against the config.
+
+        Lightning merges the checkpoint's hyperparameters over the model config, importing any
+        class_path they name and silently replacing the user's overrides. Here they may only
+        name cm's classes (``cm.trust``, unless ``--trust_config``), the user's config wins, the
+        architecture must match the checkpoint's, and changed optimizer/scheduler arguments are
+        applied to the restored states on ``fit`` (``cm.training.overrides``).
+        """
+        self.resume_overrides = None
+        if not (subcommand := self.config.get("subcommand")):
+            return
+        config = self.config[subcommand]
+        path = config.get("ckpt_path")
+        _check_ckpt_path(path)
+        if not path or not Path(path).is_file():
+            return
+        ckpt = load_weights_only(path)
+        hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+        check_config(hparams, path, bool(config.get("trust_config")))
+        model = config.get("model")
+        model = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+        self.resume_overrides = compare(path, hparams, model)
+
+    def before_fit(self) -> None:
+        """Apply optimizer/scheduler overrides given beside ``--ckpt_path`` to its states."""
+        if self.resume_overrides:
+            self.trainer.callbacks.append(self.resume_overrides)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run ``subcommand``; if it fails before the first step, remove the dirs it created.
+        """Run ``subcommand``; if it fails before the first step, remove what this run created.
 
-        Only paths that did not exist before (run dir, ``version_N``, the ``config.yaml`` dir,
-        checkpoint dir, offline W&B run) are removed, and only by rank 0 and before any
-        optimizer step, so no checkpoint or pre-existing folder is ever deleted.
+        That is this run's own ``version_N`` dir, W&B run files and ``config.yaml``, and the
+        directories it had to create if they are empty (``RunDir.remove``), by rank 0 and before
+        any optimizer step: nothing another process wrote, no checkpoint, is ever deleted.
         """
-        roots = [Path(self.trainer.default_root_dir)]
-        roots += [Path(lg.save_dir) for lg in self.trainer.loggers if lg.save_dir is not None]
-        before = existing_paths(roots)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             if self.trainer.global_step == 0 and self.trainer.global_rank == 0:
-                outputs = run_outputs(self.trainer, roots)
-                for logger in self.trainer.loggers:  # an open W&B run would write on
-                    if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                        logger.experiment.finish(exit_code=1)
-                remove_new(outputs, before, roots)
+                self.run_dir.remove(self.trainer)
             raise
 
 
@@ -117,20 +143,26 @@ def lightning_main(args: Sequence[str] | None) -> CMCLI:
 
 def export_main(args: Sequence[str]) -> Path:
     """``cm export``: write the (EMA) denoiser of a checkpoint as safetensors + config.json."""
-    from cm.io import export, load_checkpoint
-
     p = ArgumentParser(
         exit_on_error=False,
         prog="cm export",
         description="Export a bare denoiser from a checkpoint.",
     )
     p.add_argument("--ckpt_path", type=str, required=True, help="A .ckpt written by cm fit.")
-    p.add_argument("--out", type=str, required=True, help="Output directory.")
+    p.add_argument(
+        "--out",
+        type=str,
+        required=True,
+        help="Output directory (not the checkpoint's; an existing export only with --overwrite).",
+    )
     p.add_argument("--ema", type=bool, default=True, help="Export the EMA weights when present.")
+    add_overwrite_argument(p)
+    add_trust_option(p)
     cfg = p.parse_args(list(args))
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise FileExistsError(f"Output '{cfg.out}' is a file: pass a directory for the export.")
-    denoiser, hparams = load_checkpoint(cfg.ckpt_path, cfg.ema)
+    # Before reading the checkpoint: never into its folder, never over an export unasked.
+    ckpt = Path(cfg.ckpt_path)
+    check_output_dir(cfg.out, (WEIGHTS, CONFIG), [ckpt], [ckpt.parent], cfg.overwrite)
+    denoiser, hparams = load_checkpoint(cfg.ckpt_path, cfg.ema, trust_config=cfg.trust_config)
     sampler = {"sampler": hparams["sampler"]} if hparams.get("sampler") else None
     out = export(denoiser, cfg.out, hparams["denoiser"], sampler)
     print(f"Exported denoiser to {out}")
@@ -147,7 +179,8 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         run(args)
     except Exception as e:
-        if os.environ.get("CM_DEBUG", "") not in ("", "0") or not is_user_error(e):
+        user = is_user_error(e) or _is_wandb_usage_error(e)  # W&B: no API key, bad entity
+        if os.environ.get("CM_DEBUG", "") not in ("", "0") or not user:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -173,13 +206,83 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line (an ``OSError`` from the system names its file)."""
+    """The message of ``e`` on one line (an ``OSError`` from the system names its file).
+
+    A jsonargparse dump of Union alternatives is reduced to its option and innermost message
+    (``parse_sentence``); Lightning's "no GPU" errors name the overrides that run on the CPU.
+    """
     if isinstance(e, OSError) and e.strerror and e.filename and len(e.args) == 2:
         return f"{e.strerror}: '{e.filename}' (check the path and its permissions)."
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = parse_sentence(str(e))
+    if isinstance(e, MisconfigurationException) and re.search(_NO_GPU, text):
+        return (
+            f"{text.rstrip('!.')}: this config asks for a GPU; to run on the CPU add "
+            "`--trainer.accelerator cpu --trainer.devices 1` (and, if they then fail, "
+            "`--trainer.precision 32-true` and no Compile callback)."
+        )
+    if _is_wandb_usage_error(e):
+        text = (
+            f"W&B: {text.rstrip('.')} (`wandb login`); or set WANDB_MODE=offline, or pick another "
+            "logger (e.g. --trainer.logger lightning.pytorch.loggers.CSVLogger)."
+        )
     if isinstance(e, ArgumentError):
         text = f"{text.rstrip('.')} (see --help)."
     return text
+
+
+_NO_GPU = r"No supported gpu backend found|can not run on your system since the accelerator"
+# Lines of a jsonargparse Union dump that say nothing the user can act on: the structure, the
+# None alternative of every `X | None`, the str alternative of an import path, the given value.
+_DUMP_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+    "Expected a path but",
+)
+
+
+def parse_sentence(text: str) -> str:
+    """The one meaningful sentence of a (jsonargparse) error message, on one line.
+
+    jsonargparse reports a bad ``class_path`` or init argument, and any error raised while
+    instantiating one, as a nested dump of every Union alternative it tried; the user needs the
+    dotted option (``model.init_args.objective``), the class_path that failed and the innermost
+    message. Other messages are returned with their whitespace collapsed.
+    """
+    if not text.lstrip().startswith(('Parser key "', _DUMP_NOISE[0])):
+        return " ".join(text.split())
+    option, class_path, leaves = "", None, []
+    for raw in text.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or line.startswith(_DUMP_NOISE):
+            continue
+        if key := re.match(r'Parser key "([^"]+)":\s*(.*)', line):
+            joint = ".init_args." if class_path else "."
+            option = f"{option}{joint}{key[1]}" if option else key[1]
+            class_path, line = None, key[2]
+        elif path := re.fullmatch(r"Problem with given class_path '([^']+)':", line):
+            class_path = path[1]
+            continue
+        if line and line not in leaves:
+            leaves.append(line)
+    if not leaves:
+        return " ".join(text.split())
+    message = " ".join(leaves)
+    if class_path:
+        message = f"class_path '{class_path}' cannot be used ({message.rstrip('.')})"
+    return f"{option}: {message}" if option else message
+
+
+def _is_wandb_usage_error(e: BaseException) -> bool:
+    """W&B's own "no API key" and similar setup errors (wandb is imported only by its logger)."""
+    kind = type(e)
+    return kind.__module__.startswith("wandb") and kind.__name__ in (
+        "UsageError",
+        "AuthenticationError",
+    )
 
 
 def run(args: Sequence[str] | None = None) -> None:

@@ -9,7 +9,9 @@ class EMA:
 
     Either a constant ``decay`` (CM/iCT: 0.9999, 0.99993) or EDM's half-life (Karras et al. 2022,
     Appendix F.1: ``beta = 0.5^(batch / (halflife_kimg * 1000))``, with the half-life capped at
-    ``rampup_ratio`` times the images seen so far so early averages do not lag).
+    ``rampup_ratio`` times the images seen before this step, so early averages do not lag; as
+    NVlabs/edm's ``training_loop.py``, which updates the EMA before ``cur_nimg += batch_size``:
+    the first update (0 images seen) copies the model).
 
     Args:
         decay: constant decay per optimizer step; used when ``halflife_kimg`` is None.
@@ -31,7 +33,7 @@ class EMA:
             return self.decay
         nimg = self.halflife_kimg * 1000
         if self.rampup_ratio is not None:
-            nimg = min(nimg, (step + 1) * batch_size * self.rampup_ratio)
+            nimg = min(nimg, step * batch_size * self.rampup_ratio)  # cur_nimg before the step
         return 0.5 ** (batch_size / max(nimg, 1e-8))
 
     @torch.no_grad()

@@ -5,6 +5,10 @@ next to the target, which takes the target's name only when complete, with the p
 the user's umask (``mkstemp`` alone would leave 0600). Writers that append a suffix to the name
 they are given (``np.savez``) are handed an open file instead (``atomic_open``), so the output is
 always exactly at the path the user gave.
+
+Every command that writes checks all its outputs first (``check_output``, ``check_output_dir``),
+before any work: an output that is one of the command's inputs is refused always, an existing
+file unless ``--overwrite`` (``add_overwrite_argument``, the one definition of that option).
 """
 
 import os
@@ -12,25 +16,36 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cm.errors import UserError
 
 
 def umask() -> int:
-    """The process umask (read without changing it for good)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process umask: from ``/proc`` on Linux, else by setting it back at once."""
+    try:  # read-only: os.umask would change it for a moment, under other threads' feet
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Umask:")), 8)
+    except (OSError, StopIteration, IndexError, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file or directory (links and hard links too)."""
+    a, b = Path(a).absolute(), Path(b).absolute()
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether ``a`` and ``b`` name the same file or directory (or ``a`` lies inside ``b``)."""
-    a, b = Path(a).absolute(), Path(b).absolute()
-    if a.exists() and b.exists() and os.path.samefile(a, b):
+    if _same(a, b):
         return True
-    a, b = a.resolve(), b.resolve()
-    return a == b or (b.is_dir() and a.is_relative_to(b))
+    b = Path(b)  # a file inside an input directory (an export) would change that input
+    return b.is_dir() and Path(a).resolve().is_relative_to(b.resolve())
 
 
 def check_output(
@@ -63,6 +78,54 @@ def check_output(
     parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"Cannot write '{path}': '{parent}' is not a writable directory.")
+    return path
+
+
+def add_overwrite_argument(parser: Any) -> None:
+    """Add ``--overwrite``, the one flag of every command that writes files, to ``parser``."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace output files that already exist (an input of the command never is).",
+    )
+
+
+def check_output_dir(
+    path: str | Path,
+    names: Iterable[str],
+    inputs: Iterable[str | Path | None] = (),
+    input_dirs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+) -> Path:
+    """Fail early if the files ``names`` must not be written into the folder ``path``.
+
+    Args:
+        path: the output folder (created later by the writers).
+        names: the file names the command will write there.
+        inputs: the files and directories the command reads; none may be written onto.
+        input_dirs: folders the command reads from, which must not be the output folder.
+        overwrite: allow replacing existing files (never an input).
+        option: the command-line option that named ``path``, for the message.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} '{path}' is a file: pass a folder for the outputs.")
+    for source in (*inputs, *input_dirs):
+        if source is not None and _same(path, source):
+            raise UserError(
+                f"{option} '{path}' is a folder this command reads from ('{source}'): write the "
+                "outputs to another folder."
+            )
+    names = list(names)
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(
+            f"Two outputs would both be written to '{path / twice[0]}' (inputs with the same "
+            "name and another extension?): rename one of them."
+        )
+    for name in names:
+        check_output(path / name, inputs, overwrite, option)
     return path
 
 

@@ -24,14 +24,27 @@ from cm.convert import convert_edm, convert_openai, network_of
 from cm.errors import UserError
 from cm.files import atomic_open, atomic_path, check_output  # noqa: F401 - cm.io names
 from cm.networks import ADMUNet, NCSNpp
+from cm.trust import check_config
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 Format = Literal["auto", "cm", "openai", "openai_legacy", "edm"]
 
 
-def build(config: dict[str, Any]) -> nn.Module:
-    """Instantiate a module from a ``{"class_path", "init_args"}`` config (nested ones too)."""
+def build(
+    config: dict[str, Any], source: str | Path | None = None, trust_config: bool = False
+) -> nn.Module:
+    """Instantiate a module from a ``{"class_path", "init_args"}`` config (nested ones too).
+
+    Args:
+        config: the config; one written in Python or a YAML the user passes is trusted.
+        source: the file ``config`` was read from as data (an export's ``config.json``, a
+            ``.ckpt``): its import paths must then pass ``cm.trust.check_config``.
+        trust_config: the user's opt-in to build any class a ``source`` names.
+    """
     from jsonargparse import ArgumentParser
+
+    if source is not None:
+        check_config(config, source, trust_config)
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(nn.Module, "module", fail_untyped=False)
@@ -65,17 +78,64 @@ def export(
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported denoiser from the directory ``path`` (eval mode)."""
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu", trust_config: bool = False
+) -> nn.Module:
+    """Rebuild an exported denoiser from the directory ``path`` (eval mode).
+
+    ``config.json`` is data: its class_paths may only name cm's classes unless ``trust_config``.
+    """
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise FileNotFoundError(
             f"No exported denoiser at '{path}': expected {WEIGHTS} and {CONFIG} there "
             "(write them with `cm export` or cm.io.export)."
         )
-    denoiser = build(json.loads((path / CONFIG).read_text())["denoiser"])
-    denoiser.load_state_dict(load_file(str(path / WEIGHTS), device=str(map_location)))
+    config = read_export_config(path)
+    denoiser = build(config["denoiser"], path / CONFIG, trust_config)
+    _load_state(denoiser, read_safetensors(path / WEIGHTS, map_location), path / WEIGHTS)
     return denoiser.eval()
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of the export directory ``path``; it must hold a denoiser config."""
+    file = Path(path) / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"'{file}' is not valid JSON ({e}): re-export the denoiser with `cm export`."
+        ) from None
+    denoiser = config.get("denoiser") if isinstance(config, dict) else None
+    if not isinstance(denoiser, dict) or "class_path" not in denoiser:
+        raise UserError(
+            f"'{file}' holds no denoiser config (a \"denoiser\" object with a class_path): "
+            "re-export the denoiser with `cm export`."
+        )
+    return config
+
+
+def read_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The tensors of a ``.safetensors`` file; a truncated or foreign file is a UserError."""
+    try:
+        return load_file(str(path), device=str(map_location))
+    except Exception as e:  # SafetensorError (truncated header or data), not a file, ...
+        raise UserError(
+            f"Cannot read '{path}' ({type(e).__name__}: {' '.join(str(e).split())}): the file "
+            "is truncated or not safetensors; copy or export it again."
+        ) from None
+
+
+def _load_state(module: nn.Module, state: dict[str, Tensor], path: str | Path) -> None:
+    """``module.load_state_dict(state)``; weights that do not fit the config are a UserError."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0].rstrip(":. ")
+        raise UserError(
+            f"The weights in '{path}' do not fit the denoiser of its config ({first}): keep "
+            "the weights and config that were written together."
+        ) from None
 
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -150,12 +210,16 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 
 def load_checkpoint(
-    path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    trust_config: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the (EMA) denoiser of a ``cm fit`` checkpoint and return it with its hparams.
 
     Reads with ``weights_only=True``; the denoiser comes from the ``denoiser`` config that the
-    CLI stored in the checkpoint's hyperparameters.
+    CLI stored in the checkpoint's hyperparameters. The hyperparameters are data: their
+    class_paths may only name cm's classes unless ``trust_config``.
     """
     path = Path(path)
     if not path.is_file():
@@ -170,7 +234,8 @@ def load_checkpoint(
             f"'{path}' holds no denoiser config: checkpoints written by `cm fit` have one; "
             "for a module built in Python use cm.io.export with the constructor config."
         )
-    denoiser = build(config)
+    check_config(hparams, path, trust_config)  # the sampler too, which cm sample builds
+    denoiser = build(config, path, trust_config)
     state = ckpt["state_dict"]
     prefix = (
         "ema_denoiser."
@@ -183,12 +248,17 @@ def load_checkpoint(
     return denoiser.eval(), hparams
 
 
-def load_any(path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def load_any(
+    path: str | Path, ema: bool = True, trust_config: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
     """A denoiser from a ``.ckpt`` file or an exported directory, with its hparams (may be {})."""
     path = Path(path)
     if path.is_dir():
-        return load(path), json.loads((path / CONFIG).read_text())
-    return load_checkpoint(path, ema)
+        denoiser = load(path, trust_config=trust_config)
+        config = read_export_config(path)
+        check_config(config, path / CONFIG, trust_config)  # the sampler too
+        return denoiser, config
+    return load_checkpoint(path, ema, trust_config=trust_config)
 
 
 def _published(path: Path, format: Format) -> str:
@@ -237,7 +307,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a ``.safetensors`` file or a ``.pt`` state dict (``weights_only`` load)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code: EDM snapshots, whole modules
@@ -257,6 +327,7 @@ def load_denoiser(
     denoiser: nn.Module | dict[str, Any] | str | Path | None = None,
     format: Format = "auto",
     ema: bool = True,
+    trust_config: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Any supported denoiser file as a denoiser (eval mode) with its hparams ({} if foreign).
 
@@ -270,6 +341,9 @@ def load_denoiser(
             (guided-diffusion's default legacy attention: its 128 and 256 px models); ``edm``
             (EDM ``SongUNet`` into ``NCSNpp``); ``auto``: cm for a directory or ``.ckpt``.
         ema: use the EMA weights of a ``.ckpt``.
+        trust_config: build any class that an export's ``config.json`` or a ``.ckpt``'s
+            hyperparameters name (the user's opt-in, ``--trust_config``); by default only
+            cm's classes (``cm.trust``). A ``denoiser`` passed here is the caller's, trusted.
     """
     path = Path(path)
     if not path.exists():
@@ -286,7 +360,7 @@ def load_denoiser(
             )
         format = "cm"
     if format == "cm":
-        return load_any(path, ema)
+        return load_any(path, ema, trust_config)
     if denoiser is None:
         raise UserError(
             f"Loading '{path}' as format {format!r} needs the denoiser architecture: pass a "
@@ -332,6 +406,9 @@ class PretrainedDenoiser(nn.Module):
             ``class_path``/``init_args`` object, e.g. ``configs/teachers/*.yaml``).
         format: see ``load_denoiser``; ``auto`` handles directories and ``.ckpt`` files.
         ema: use the EMA weights of a ``.ckpt``.
+        trust_config: build any class named in the teacher's ``config.json`` or ``.ckpt``
+            hyperparameters; by default only cm's classes (the file is data, see README's
+            Security section). Set it only for a teacher file you trust.
     """
 
     def __init__(
@@ -340,10 +417,11 @@ class PretrainedDenoiser(nn.Module):
         denoiser: nn.Module | None = None,
         format: Format = "auto",
         ema: bool = True,
+        trust_config: bool = False,
     ) -> None:
         super().__init__()
         self.path, self.format, self.ema = str(path), format, ema
-        module, _ = load_denoiser(path, denoiser, format, ema)
+        module, _ = load_denoiser(path, denoiser, format, ema, trust_config)
         # A plain list: nn.Module does not register what it holds.
         self._held = [module.requires_grad_(False).eval()]
         super().train(False)
@@ -388,10 +466,13 @@ class PretrainedDenoiser(nn.Module):
         return f"path={self.path!r}, format={self.format!r}, ema={self.ema}"
 
 
-def load_predictor(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_predictor(
+    path: str | Path, map_location: str | torch.device = "cpu", trust_config: bool = False
+) -> nn.Module:
     """The trained ``AMEDPredictor`` of an AMED ``cm fit`` checkpoint (eval mode).
 
     It carries the grid, base solver and AFS setting it was trained for (``predictor.grid()``).
+    Its config is data: only cm's classes unless ``trust_config``.
     """
     path = Path(path)
     if not path.is_file():
@@ -407,7 +488,7 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu") -
             f"'{path}' holds no AMED predictor: train one with cm fit --config "
             "configs/amed_*.yaml and pass its .ckpt."
         )
-    predictor = build(config)
+    predictor = build(config, path, trust_config)
     prefix = "predictor."
     predictor.load_state_dict(
         {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

@@ -11,7 +11,17 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from cm.errors import UserError
-from cm.io import Format, resolve_device
+from cm.files import add_overwrite_argument, check_output, same_file
+from cm.io import (
+    Format,
+    image_spec,
+    load_denoiser,
+    resolve_device,
+    save_grid,
+    save_npz,
+    to_uint8,
+)
+from cm.trust import add_trust_option, check_import_path
 
 
 def sample_parser() -> ArgumentParser:
@@ -81,8 +91,11 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=256, help="Images per forward pass.")
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
-    p.add_argument("--out", type=str, default="samples.npz", help="Output .npz (arr_0 NHWC).")
+    p.add_argument(
+        "--out", type=str, default="samples.npz", help="Output .npz (arr_0 NHWC), at this path."
+    )
     p.add_argument("--grid", type=str | None, default=None, help="Also write a PNG grid here.")
+    add_overwrite_argument(p)
     p.add_argument(
         "--cfg_scale",
         type=float | None,
@@ -105,19 +118,18 @@ def sample_parser() -> ArgumentParser:
         help="YAML/JSON file with the denoiser class_path/init_args for openai/edm checkpoints, "
         "e.g. configs/teachers/openai_edm_imagenet64.yaml.",
     )
+    add_trust_option(p)
     return p
 
 
 def sample_main(args: Sequence[str]) -> Path:
     """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
-    from cm.io import check_output, image_spec, load_denoiser, save_grid, save_npz, to_uint8
-
     cfg = sample_parser().parse_args(list(args))
-    for out in (cfg.out, cfg.grid):
-        if out is not None:
-            check_output(out)
+    check_outputs(cfg)
     device = resolve_device(cfg.device)
-    denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
+    denoiser, hparams = load_denoiser(
+        cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema, cfg.trust_config
+    )
     denoiser = denoiser.to(device)
     shape, label_dim = image_spec(denoiser)
     _check_sample_args(cfg, label_dim)
@@ -127,7 +139,7 @@ def sample_main(args: Sequence[str]) -> Path:
         denoiser = classifier_free(denoiser, cfg.cfg_scale)
     sampler = _sampler_from(hparams.get("sampler"))
     if cfg.solver is not None:
-        sampler.solver = _import_solver(cfg.solver)
+        sampler.solver = _import_solver(cfg.solver, cfg.trust_config)
     if cfg.steps is not None:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
     if cfg.sigmas is not None:
@@ -147,6 +159,17 @@ def sample_main(args: Sequence[str]) -> Path:
     if cfg.grid:
         print(f"Wrote grid to {save_grid(images[:100], cfg.grid, nrow=10)}")
     return out
+
+
+def check_outputs(cfg) -> None:
+    """Refuse ``--out``/``--grid`` onto an input, onto each other or an existing file, up front."""
+    prompts = cfg.prompt[1:] if cfg.prompt and cfg.prompt.startswith("@") else None
+    inputs = (cfg.ckpt_path, cfg.predictor, cfg.denoiser, cfg.text_encoder, prompts)
+    check_output(cfg.out, inputs, cfg.overwrite)
+    if cfg.grid is not None:
+        if same_file(cfg.grid, cfg.out):
+            raise UserError(f"--grid '{cfg.grid}' is the --out file: give the grid its own name.")
+        check_output(cfg.grid, inputs, cfg.overwrite, option="--grid")
 
 
 def _generate_text_or_latent(cfg, sampler, denoiser, seeds, shape, device):
@@ -208,16 +231,21 @@ def _use_predictor(sampler, cfg, device: str) -> None:
         )
     if cfg.solver is not None and cfg.solver not in AMED_SOLVERS:
         raise UserError(f"--predictor is for --solver amed or amed_plugin, not {cfg.solver}.")
-    predictor = load_predictor(cfg.predictor).to(device)
+    predictor = load_predictor(cfg.predictor, trust_config=cfg.trust_config).to(device)
     fn = amed if predictor.solver == "amed" else amed_plugin
     sampler.solver = partial(fn, predictor=predictor)
     sampler.sigmas = predictor.grid().tolist()
     print(f"AMED ({predictor.solver}): {predictor.nfe} NFE on {predictor.num_steps} time points")
 
 
-def _import_solver(path: str):
-    """The solver function at an import path like ``cm.solvers.heun``, or a name like ``heun``."""
+def _import_solver(path: str, trust_config: bool = False):
+    """The solver function at an import path like ``cm.solvers.heun``, or a name like ``heun``.
+
+    Only cm's functions unless ``trust_config``: nothing else is imported (``cm.trust``).
+    """
     path = path if "." in path else f"cm.solvers.{path}"
+    if not trust_config:
+        check_import_path(path, "--solver")
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)

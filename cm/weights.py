@@ -5,52 +5,84 @@ in the torch hub cache (``$TORCH_HOME/hub/checkpoints``). Nothing is downloaded 
 missing file is one ``FileNotFoundError`` naming the file, its URL and the directories searched.
 ``cm weights fetch`` downloads on a machine with network (atomically: a partial download never
 takes the file's name).
+
+A weights cache is data, not code: every file is read by cm itself, with
+``torch.load(weights_only=True)`` (``load_state_dict``), after its SHA-256 matched the published
+one (``verify``). The only exception is OpenAI's CLIP, published as TorchScript archives that only
+``torch.jit.load`` reads: cm opens one only after its full SHA-256 matched OpenAI's digest.
 """
 
 import hashlib
 import os
+import pickle
+import re
 import shutil
 import urllib.request
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from cm.errors import UserError
 from cm.files import atomic_path
 
+FULL_DIGEST = re.compile(r"[0-9a-f]{64}")
+Status = Literal["ok", "MISSING", "CORRUPT", "UNCHECKED"]
+
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """A weights file: its name on disk, where it comes from, and what uses it."""
+    """A weights file: its name on disk, where it comes from, what uses it, its published SHA-256.
+
+    ``sha256`` is the full hex digest where a published one is known; a shorter hex string is a
+    prefix (torch hub's ``name-<prefix>.pth`` convention, the only digest some files have); None
+    means no digest is known and the file is only ever read with ``weights_only=True``.
+    ``name`` is what ``cm weights fetch`` takes for it (for the error messages).
+    """
 
     filename: str
     url: str
     used_by: str
-    sha256_prefix: str | None = None
+    sha256: str | None = None
+    name: str = ""
 
 
+# Full digests: torch hub names a file ``<name>-<first 8+ hex of its SHA-256>.pth``; the rest of
+# each digest below was found pinned in public code (no network here to hash the files).
 REGISTRY: dict[str, WeightsFile] = {
     "inception": WeightsFile(
         "weights-inception-2015-12-05-6726825d.pth",
         "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
         "weights-inception-2015-12-05-6726825d.pth",
         "FID, IS, KID, precision/recall (torch-fidelity's port of the TF Inception graph)",
+        # pinned for this file name in HyperGAN/HyperGAN's CIFAR pretrained-critic recipe (docs),
+        # and for pytorch-fid's copy (pt_inception-2015-12-05-6726825d.pth, the same bytes) in
+        # genforce's inception.py _MODEL_URL_SHA256; both extend the file-name prefix.
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+        "inception",
     ),
     "vgg16": WeightsFile(
         "vgg16-397923af.pth",
         "https://download.pytorch.org/models/vgg16-397923af.pth",
         "LPIPS (net='vgg'), the CM distance",
-        "397923af",
+        # pinned identically by several public LPIPS/3DGS reproduction scripts (e.g. a
+        # VGG16_SHA256 constant beside this URL, an LPIPS "trunk_sha256" manifest entry).
+        "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+        "vgg16",
     ),
     "alexnet": WeightsFile(
         "alexnet-owt-7be5be79.pth",
         "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
         "LPIPS (net='alex')",
+        # No public source pinning the full digest was found: only torch hub's file-name prefix
+        # is checked (about 2^-32 odds that a random replacement passes; not a defence against
+        # a crafted one, but the file is read with weights_only=True, so it cannot run code).
         "7be5be79",
+        "alexnet",
     ),
 }
 
@@ -59,7 +91,9 @@ def clip_weights(model: str = "ViT-L-14", pretrained: str = "openai") -> Weights
     """The open_clip checkpoint ``model``/``pretrained`` as a registry entry (URL from open_clip).
 
     Stored as ``open_clip_<model>_<pretrained>.bin`` (the OpenAI tags are TorchScript archives,
-    the others state dicts; ``cm.metrics`` reads both).
+    the others state dicts; ``cm.metrics`` reads both). OpenAI's URLs carry the file's full
+    SHA-256 as their last directory (open_clip's ``download_pretrained_from_url`` checks it so);
+    Hugging Face tags publish none that open_clip records, so those files stay unchecked.
     """
     from open_clip.pretrained import get_pretrained_cfg
 
@@ -73,27 +107,56 @@ def clip_weights(model: str = "ViT-L-14", pretrained: str = "openai") -> Weights
     if not url and cfg.get("hf_hub"):
         repo = cfg["hf_hub"].rstrip("/")
         url = f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin"
+    parts = url.split("/")
+    published = parts[-2] if "openaipublic" in url and FULL_DIGEST.fullmatch(parts[-2]) else None
     used_by = f"CLIP score ({model}, {pretrained})"
-    return WeightsFile(f"open_clip_{model}_{pretrained}.bin", url, used_by)
+    filename = f"open_clip_{model}_{pretrained}.bin"
+    return WeightsFile(filename, url, used_by, published, f"clip:{model}:{pretrained}")
 
 
-def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from an open_clip ``.bin``/``.pt`` file or an OpenAI TorchScript archive."""
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``constants.pkl``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def load_clip_state_dict(path: Path, spec: WeightsFile | None = None) -> dict[str, Tensor]:
+    """A state dict from an open_clip ``.bin``/``.pt`` file or an OpenAI TorchScript archive.
+
+    The file is checked against ``spec``'s published SHA-256 where one is known (``verify``).
+    ``torch.jit.load`` runs an archive's code, so an archive is opened only when that check was
+    against OpenAI's full digest; any other archive is refused. State dicts are read with
+    ``weights_only=True``.
+
+    Args:
+        path: the file.
+        spec: its registry entry (``clip_weights``); None for a file from elsewhere.
+    """
+    fetch_hint = f"`cm weights fetch {spec.name}`" if spec else "`cm weights fetch clip:MODEL:TAG`"
+    if spec is not None:
+        verify(spec, path)
     try:
-        is_script = zipfile.is_zipfile(path) and any(
-            name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist()
-        )
-        if is_script:  # OpenAI's published CLIP files are TorchScript modules
+        if is_torchscript(path):  # OpenAI's published CLIP files are TorchScript modules
+            if spec is None or not FULL_DIGEST.fullmatch(spec.sha256 or ""):
+                raise UserError(
+                    f"'{path}' is a TorchScript archive, which runs code when loaded; cm opens "
+                    "one only when its SHA-256 matches OpenAI's published digest (the openai "
+                    "tags): save the model's state_dict() with torch.save instead."
+                )
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
             for key in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(key, None)
             return dict(state)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
         raise UserError(
             f"Cannot read the CLIP weights '{path}' ({type(error).__name__}): download the file "
-            "again (`cm weights fetch clip:MODEL:TAG`)."
+            f"again ({fetch_hint})."
         ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"'{path}' is not a CLIP state dict: download it again ({fetch_hint}).")
     state = state.get("state_dict", state)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
@@ -101,18 +164,20 @@ def load_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_open_clip(model: str = "ViT-L-14", pretrained: str = "openai") -> tuple[Any, dict]:
     """The open_clip ``model`` with the offline ``pretrained`` weights (frozen, eval), and its cfg.
 
-    The file comes from ``find(clip_weights(model, pretrained))`` (one clear error when missing);
-    a file that does not fit the architecture is one clear error too.
+    The file comes from ``find(clip_weights(model, pretrained))`` (one clear error when missing)
+    and is checked against its published SHA-256 where one is known; a file that does not fit
+    the architecture is one clear error too.
     """
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg
 
-    path = find(clip_weights(model, pretrained))
+    spec = clip_weights(model, pretrained)
+    path = find(spec)
     cfg = get_pretrained_cfg(model, pretrained)
     clip = open_clip.create_model(
         model, pretrained=None, force_quick_gelu=bool(cfg.get("quick_gelu", False))
     )
-    state = load_clip_state_dict(path)
+    state = load_clip_state_dict(path, spec)
     if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
     missing, unexpected = clip.load_state_dict(state, strict=False)
@@ -160,30 +225,101 @@ def find(name: str | WeightsFile) -> Path:
     )
 
 
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 8 MiB blocks (a 528 MB VGG16 in about a second)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def matches(spec: WeightsFile, digest: str) -> bool:
+    """Whether ``digest`` is the published SHA-256 (or starts with the published prefix)."""
+    return spec.sha256 is None or digest.startswith(spec.sha256.lower())
+
+
+def mismatch_message(spec: WeightsFile, path: Path, digest: str) -> str:
+    """The one sentence for a file whose SHA-256 is not the published one."""
+    kind = "SHA-256" if FULL_DIGEST.fullmatch(spec.sha256 or "") else "SHA-256 prefix"
+    fetch_cmd = f"`cm weights fetch {spec.name}`" if spec.name else "`cm weights fetch`"
+    return (
+        f"Weights file '{path}' ({spec.used_by}) has SHA-256 {digest[:16]}..., which does not "
+        f"match the published {kind} {(spec.sha256 or '')[:16]}...: the file is corrupt or was "
+        f"replaced; delete it and run {fetch_cmd}, or download it again from {spec.url}."
+    )
+
+
+def verify(name: str | WeightsFile, path: str | Path) -> str:
+    """Hash ``path`` once and raise one ``UserError`` unless it is the published file.
+
+    Returns:
+        The file's hex SHA-256.
+    """
+    spec, path = entry(name), Path(path)
+    digest = sha256_file(path)
+    if not matches(spec, digest):
+        raise UserError(mismatch_message(spec, path, digest))
+    return digest
+
+
+def load_state_dict(name: str | WeightsFile, path: str | Path | None = None) -> dict[str, Tensor]:
+    """The tensors of a registered file: found, SHA-256-checked, read with ``weights_only=True``.
+
+    The one loader of every registered torch file (Inception, VGG16, AlexNet): nothing in a
+    weights cache is unpickled by anything but ``torch.load(weights_only=True)``.
+
+    Args:
+        name: a registry name or entry.
+        path: the file to read instead of looking it up (still checked against the digest).
+    """
+    spec = entry(name)
+    path = Path(path) if path is not None else find(spec)
+    verify(spec, path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        raise UserError(
+            f"Cannot read the weights file '{path}' ({type(error).__name__}) as plain tensors: "
+            f"download {spec.filename} again from {spec.url}."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(
+            f"'{path}' is not a state dict of tensors: download {spec.filename} again from "
+            f"{spec.url}."
+        )
+    return dict(state)
+
+
 def fetch(name: str | WeightsFile, directory: str | Path | None = None) -> Path:
     """Download a registered file into ``directory`` (default: the first of ``weights_dirs``).
 
-    Present files are left alone. The download goes to a temporary file in the same directory
-    and is renamed only when complete and (where known) its SHA-256 prefix matches.
+    A present file with the published SHA-256 is left alone; a present file that does not match
+    is replaced (in its own directory unless ``directory`` is given). The download goes to a
+    temporary file in the same directory and is renamed only when complete and its SHA-256
+    matches the published one (where known).
     """
     spec = entry(name)
+    present = None
     try:
-        return find(spec)
+        present = find(spec)
     except FileNotFoundError:
         pass
-    target_dir = Path(directory) if directory is not None else weights_dirs()[0]
+    if present is not None and matches(spec, sha256_file(present)):
+        return present
+    default_dir = present.parent if present is not None else weights_dirs()[0]
+    target_dir = Path(directory) if directory is not None else default_dir
     target = target_dir / spec.filename
     try:
         with atomic_path(target) as tmp:
             with tmp.open("wb") as out, urllib.request.urlopen(spec.url) as response:
                 shutil.copyfileobj(response, out)
-            if spec.sha256_prefix is not None:
-                digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-                if not digest.startswith(spec.sha256_prefix):
-                    raise UserError(
-                        f"Download of {spec.url} has SHA-256 {digest[:12]}..., expected "
-                        f"{spec.sha256_prefix}...: retry, or fetch the file by hand."
-                    )
+            digest = sha256_file(tmp)
+            if not matches(spec, digest):
+                raise UserError(
+                    f"Download of {spec.url} has SHA-256 {digest[:16]}..., expected "
+                    f"{(spec.sha256 or '')[:16]}...: retry, or fetch the file by hand."
+                )
     except OSError as error:  # no network, DNS, HTTP errors, disk: one sentence, no urllib trace
         raise ConnectionError(
             f"Could not download {spec.url} ({error}): on a machine without network, copy "
@@ -192,27 +328,53 @@ def fetch(name: str | WeightsFile, directory: str | Path | None = None) -> Path:
     return target
 
 
-def check(names: Sequence[str] | None = None) -> list[tuple[str, str, Path | None]]:
-    """``(name, filename, path or None)`` for each registered (or named) file."""
-    rows = []
-    for name in names or list(REGISTRY):
-        spec = entry(name)
-        try:
-            rows.append((name, spec.filename, find(spec)))
-        except FileNotFoundError:
-            rows.append((name, spec.filename, None))
-    return rows
+@dataclass(frozen=True)
+class Check:
+    """One row of ``cm weights check``: a file's status and, when not ok, why."""
+
+    name: str
+    filename: str
+    path: Path | None
+    status: Status
+    detail: str = ""
+
+
+def check_one(name: str) -> Check:
+    """Find and hash one registered file: ok, MISSING, CORRUPT, or UNCHECKED (no digest known)."""
+    spec = entry(name)
+    try:
+        path = find(spec)
+    except FileNotFoundError:
+        return Check(name, spec.filename, None, "MISSING", f"download from {spec.url}")
+    if spec.sha256 is None:
+        return Check(name, spec.filename, path, "UNCHECKED", "no published SHA-256")
+    digest = sha256_file(path)
+    if not matches(spec, digest):
+        detail = f"expected {spec.sha256[:16]}..., got {digest[:16]}..."
+        return Check(name, spec.filename, path, "CORRUPT", detail)
+    prefix_only = not FULL_DIGEST.fullmatch(spec.sha256)
+    return Check(name, spec.filename, path, "ok", "file-name prefix only" if prefix_only else "")
+
+
+def check(names: Sequence[str] | None = None) -> list[Check]:
+    """The status of each registered (or named) file, every present file hashed once."""
+    return [check_one(name) for name in names or list(REGISTRY)]
 
 
 def weights_main(args: Sequence[str]) -> None:
-    """``cm weights check [NAME ...]`` lists what is present; ``cm weights fetch`` downloads."""
+    """``cm weights check [NAME ...]`` verifies what is present; ``cm weights fetch`` downloads.
+
+    ``check`` ends with one error (exit 2) when a file is CORRUPT, or when a file named on the
+    command line is MISSING; listing all files with some missing is not an error.
+    """
     from jsonargparse import ArgumentParser
 
     p = ArgumentParser(
         exit_on_error=False,
         prog="cm weights",
         description="Pretrained weights used by cm (Inception, VGG/AlexNet for LPIPS, CLIP): "
-        "list what is present (check) or download what is missing (fetch).",
+        "verify what is present against the published SHA-256 (check: exit 2 when a file is "
+        "corrupt or a named file is missing) or download what is missing (fetch).",
     )
     p.add_argument("action", type=str, help="check or fetch.")
     p.add_argument(
@@ -227,8 +389,17 @@ def weights_main(args: Sequence[str]) -> None:
     names = cfg.names or list(REGISTRY)
     match cfg.action:
         case "check":
-            for name, filename, path in check(names):
-                print(f"{name:12s} {'ok' if path else 'MISSING':8s} {path or filename}")
+            rows = check(names)
+            for row in rows:
+                detail = f"  ({row.detail})" if row.detail else ""
+                print(f"{row.name:12s} {row.status:9s} {row.path or row.filename}{detail}")
+            bad = [r.name for r in rows if r.status == "CORRUPT"]
+            bad += [r.name for r in rows if r.status == "MISSING" and cfg.names]
+            if bad:
+                raise UserError(
+                    f"Weights not usable: {', '.join(bad)}; delete corrupt files and run "
+                    f"`cm weights fetch {' '.join(bad)}` (or copy them in from their URLs)."
+                )
         case "fetch":
             for name in names:
                 print(f"{name:12s} {fetch(name, cfg.dir)}")

@@ -8,7 +8,6 @@ pixel, prints the held-out accuracy and writes the weights atomically as safeten
 """
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from cm.files import atomic_path
 from cm.metrics.digits import DEFAULT_PATH, DigitsNet, digits_split, load_digits_uint8, preprocess
 
 
@@ -87,11 +87,9 @@ def main() -> None:
     net, acc = train(args.epochs, args.seed)
     params = sum(p.numel() for p in net.parameters())
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"held_out_accuracy": f"{acc:.4f}", "seed": str(args.seed)})
-    tmp.chmod(0o644)  # safetensors creates the file owner-only; the shipped file must be readable
-    os.replace(tmp, args.out)  # atomic: readers never see a half-written file
+    metadata = {"held_out_accuracy": f"{acc:.4f}", "seed": str(args.seed)}
+    with atomic_path(args.out) as tmp:  # complete or absent, with the umask's modes
+        save_file(state, str(tmp), metadata=metadata)
     print(
         f"held-out accuracy {acc:.4f} ({len(digits_split()[1])} images), {params} parameters, "
         f"{time.perf_counter() - start:.1f} s -> {args.out}"

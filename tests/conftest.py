@@ -1,8 +1,9 @@
 """Test-wide settings and helpers.
 
-One intra-op thread (tiny tensors on 2 shared cores thrash otherwise), and ``tiny_open_clip``: a
-tiny open_clip model registered under a test name with random weights in a ``CM_WEIGHTS`` dir,
-so the real CLIP loading code runs offline.
+One intra-op thread (tiny tensors on 2 shared cores thrash otherwise), ``register_weights`` (a
+random weights file's SHA-256 registered as the published one, for one test), and
+``tiny_open_clip``: a tiny open_clip model registered under a test name with random weights in a
+``CM_WEIGHTS`` dir, so the real CLIP loading code runs offline.
 """
 
 import json
@@ -11,6 +12,20 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
+
+
+def register_weights(monkeypatch, name: str, path: Path) -> None:
+    """Record ``path``'s SHA-256 as registry entry ``name``'s published digest for one test.
+
+    Random test weights cannot have the published digest; this registers theirs the way the real
+    files are registered, so the real check runs (there is no switch that skips it)."""
+    import dataclasses
+
+    from cm import weights
+
+    spec = weights.REGISTRY[name]
+    digest = weights.sha256_file(path)
+    monkeypatch.setitem(weights.REGISTRY, name, dataclasses.replace(spec, sha256=digest))
 
 
 def tiny_open_clip(name: str, directory: Path, monkeypatch, text_width: int = 32):

@@ -292,9 +292,7 @@ def test_sample_with_predictor(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs --predictor"):
         run(["sample", "--ckpt_path", str(denoiser_ckpt), "--solver", "amed"])
     with pytest.raises(ValueError, match="drop --steps"):
-        run(
-            ["sample", "--ckpt_path", str(denoiser_ckpt), "--predictor", str(ckpt), "--steps", "4"]
-        )
+        run(["sample", "--ckpt_path", str(denoiser_ckpt), "--predictor", str(ckpt), "--steps", "4"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_predictor(tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match="holds no AMED predictor"):

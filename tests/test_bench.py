@@ -185,7 +185,7 @@ def test_bench_train_cpu_reports_mfu_na_then_a_number(tmp_path, capsys):
     # With --peak_tflops, through the command line (and a dotted override of the batch).
     main(
         ["bench", "train", *TINY_FIT, "--data.init_args.batch_size=8", "--warmup=1"]
-        + ["--steps", "2", "--peak_tflops", "0.5", "--out", str(out)]
+        + ["--steps", "2", "--peak_tflops", "0.5", "--out", str(out), "--overwrite"]
     )
     (row,) = list(csv.DictReader(out.open()))
     assert row["batch_per_device"] == "8" and row["peak_tflops"] == "0.5"

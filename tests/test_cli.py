@@ -98,6 +98,7 @@ def test_fit_sample_export(tmp_path, capsys):
             "[80.0, 0.8]",
             "--out",
             str(c),
+            "--overwrite",  # c exists: replacing it needs the flag
         ]
     )
     assert np.load(c)["arr_0"].shape == (2, 8, 8, 1)
@@ -114,6 +115,7 @@ def test_fit_sample_export(tmp_path, capsys):
             "2",
             "--out",
             str(c),
+            "--overwrite",
         ],
         capture_output=True,
         text=True,

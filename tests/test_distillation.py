@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import register_weights
 
 from cm.cli import main
 from cm.data import MixtureDataset
 from cm.objectives import (
     LPIPS,
     ConsistencyDistillation,
+    ConsistencyTraining,
     SquaredL2,
 )
 from cm.oracle import GaussianMixture, RandomGaussianMixture
@@ -152,6 +154,29 @@ def test_init_from_teacher_errors_are_clear():
         ConsistencyDistillation(VPPrecond(TinyNet(4))).bind(ConsistencyPrecond(TinyNet(4)))
 
 
+def test_ct_init_from_copies_the_teacher_once_and_stays_out_of_checkpoints():
+    """launch.sh's CT runs start from the teacher (cm_train.py); the paper's default: scratch."""
+    torch.manual_seed(0)
+    teacher = EDMPrecond(TinyNet(4))
+    student = ConsistencyPrecond(TinyNet(4), noise_scale=0.25)
+    scratch = [p.clone() for p in student.parameters()]
+    ConsistencyTraining(curriculum="ct", s0=2, s1=10, mu0=0.95).bind(student)
+    assert all(torch.equal(a, b) for a, b in zip(scratch, student.parameters(), strict=True))
+    obj = ConsistencyTraining(curriculum="ct", s0=2, s1=10, mu0=0.95, init_from=teacher)
+    obj.bind(student)
+    for a, b, t in zip(student.net.parameters(), teacher.net.parameters(),
+                       obj.target.net.parameters(), strict=True):  # fmt: skip
+        assert torch.equal(a, b) and torch.equal(t, b)  # theta and theta- both start at the teacher
+    assert not any(k.startswith("_init_from") or "teacher" in k for k in obj.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    obj.bind(student)  # a second bind (theta- exists, e.g. after a resume) copies nothing
+    assert not torch.equal(next(student.net.parameters()), next(teacher.net.parameters()))
+    with pytest.raises(ValueError, match="set the student's noise_scale to 0.25"):
+        ConsistencyTraining(init_from=teacher).bind(ConsistencyPrecond(TinyNet(4)))
+
+
 def test_random_gaussian_mixture_is_the_dataset_mixture():
     a = RandomGaussianMixture(num_components=4, resolution=4, channels=3, std=0.2, seed=3)
     b = MixtureDataset(8, num_components=4, resolution=4, channels=3, std=0.2, seed=3).mixture
@@ -169,6 +194,7 @@ def test_lpips_avg_pooling_matches_piq_recipe(tmp_path, monkeypatch):
     feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # vgg16.features
     state = {f"features.{k}": v for k, v in feats.state_dict().items()}
     torch.save(state, tmp_path / "vgg16-397923af.pth")
+    register_weights(monkeypatch, "vgg16", tmp_path / "vgg16-397923af.pth")
     d_max, d_avg = LPIPS(resize=0), LPIPS(resize=0, pooling="avg")
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in d_avg.modules())
     x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1

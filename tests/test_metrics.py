@@ -17,7 +17,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from conftest import tiny_open_clip
+from conftest import register_weights, tiny_open_clip
 from torch import nn
 
 from cm.cli import main, run
@@ -82,8 +82,9 @@ def inception_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def weights(inception_dir, monkeypatch) -> Path:
-    """``CM_WEIGHTS`` pointing at the random Inception weights."""
+    """``CM_WEIGHTS`` pointing at the random Inception weights (their digest registered)."""
     monkeypatch.setenv("CM_WEIGHTS", str(inception_dir))
+    register_weights(monkeypatch, "inception", inception_dir / REGISTRY["inception"].filename)
     return inception_dir
 
 
@@ -191,7 +192,7 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
         MetricSuite(("is",))
     assert spec.filename in str(error.value) and spec.url in str(error.value)
     (tmp_path / spec.filename).write_bytes(b"<html>not a checkpoint</html>")
-    with pytest.raises(ValueError, match="not torch-fidelity's Inception"):
+    with pytest.raises(ValueError, match="does not match the published SHA-256"):
         MetricSuite(("is",))
     with pytest.raises(ValueError, match="need reference statistics"):
         MetricSuite(("fid",))

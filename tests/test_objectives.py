@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import register_weights
 
 from cm.objectives import (
     L1,
@@ -119,6 +120,7 @@ def test_lpips_loads_random_weights_from_cache(tmp_path, monkeypatch):
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16(weights=None)
     torch.save(vgg.state_dict(), tmp_path / "vgg16-397923af.pth")
+    register_weights(monkeypatch, "vgg16", tmp_path / "vgg16-397923af.pth")
     d = LPIPS(resize=0)
     assert torch.equal(d.lpips.net.slice1[0].weight, vgg.features[0].weight)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -162,3 +164,30 @@ def test_sample_draws_split_the_global_batch():
     assert not torch.equal(parts[0][0], parts[1][0])
     with pytest.raises(ValueError, match="same batch size"):
         draws(4, 3, 6)
+
+
+def test_edm_ema_rampup_counts_images_seen_before_the_step():
+    """NVlabs/edm training_loop.py: the EMA update uses cur_nimg before ``+= batch_size``."""
+    from cm.ema import EMA
+
+    torch.manual_seed(0)
+    ema, batch, halflife, ratio = EMA(halflife_kimg=0.5, rampup_ratio=0.05), 32, 500.0, 0.05
+    model, avg = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    reference = [p.detach().clone() for p in avg.parameters()]
+    cur_nimg = 0
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        nimg = min(halflife, cur_nimg * ratio)  # EDM, verbatim
+        beta = 0.5 ** (batch / max(nimg, 1e-8))
+        assert ema.beta(step, batch) == beta
+        pairs = zip(reference, model.parameters(), strict=True)
+        reference = [p.detach().lerp(r, beta) for r, p in pairs]
+        ema.update(avg, model, step, batch)
+        for r, a in zip(reference, avg.parameters(), strict=True):
+            # beta is exact (above); lerp's two argument orders differ in the last ulp
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+        cur_nimg += batch
+    assert ema.beta(0, batch) == 0.0  # the first update copies the model
+    assert ema.beta(10**6, batch) == 0.5 ** (batch / halflife)  # capped by the half-life

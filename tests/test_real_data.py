@@ -298,16 +298,16 @@ def test_detect_dataset(tmp_path):
 
 
 def test_cm_data_inspect(tmp_path, capsys):
-    _cifar(tmp_path)
-    png = tmp_path / "out" / "preview.png"
-    main(["data", "inspect", str(tmp_path), "--out", str(png), "--num", "8"])
+    _cifar(tmp_path / "data")
+    png = tmp_path / "out" / "preview.png"  # outside the dataset: inside it is refused
+    main(["data", "inspect", str(tmp_path / "data"), "--out", str(png), "--num", "8"])
     out = capsys.readouterr().out
     assert "cifar10" in out and "images:     20" in out and "32x32" in out and "10 classes" in out
     assert Image.open(png).size[0] > 32
     (tmp_path / "lsun").mkdir()
     _stripes((40, 20)).save(tmp_path / "lsun" / "a.png")
     main(["data", "inspect", str(tmp_path / "lsun"), "--dataset", "lsun", "--resolution", "8",
-          "--out", str(png)])  # fmt: skip
+          "--out", str(png), "--overwrite"])  # fmt: skip
     assert "images:     1" in capsys.readouterr().out
 
 

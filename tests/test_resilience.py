@@ -33,8 +33,8 @@ def cm_fit(root: Path, *extra: str, signal_at: tuple[int, ...] | None = None):
         {"class_path": "cm.training.SampleGrid", "init_args": {"every_n_steps": 0, "num": 2}},
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            # no dirpath: cm puts checkpoints in <default_root_dir>/checkpoints, where a second
-            # `cm fit --ckpt_path last` finds them (Lightning's default is version_N/).
+            # no dirpath: cm puts checkpoints in this run's own version_N/checkpoints, where
+            # `cm fit --ckpt_path last` finds them (and the resumed run writes on).
             "init_args": {
                 "every_n_train_steps": 4,
                 "save_last": True,
@@ -61,8 +61,8 @@ def cm_fit(root: Path, *extra: str, signal_at: tuple[int, ...] | None = None):
 
 
 def last(root: Path) -> dict:
-    """The run's ``last.ckpt``, loaded the safe way."""
-    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    """The (only) run's ``last.ckpt``, loaded the safe way."""
+    return torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def assert_resumes_identically(uninterrupted: dict, root: Path) -> None:
     """``cm fit --ckpt_path last`` restores (not restarts) and ends as the uninterrupted run."""
     result = cm_fit(root, "--ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Restored all states from the checkpoint at {root / 'checkpoints'}" in (
+    assert f"Restored all states from the checkpoint at {root / 'version_0'}" in (
         result.stderr
     )  # resumed, not restarted (a restart would also end identical: everything is seeded)
     assert_identical(uninterrupted, last(root))
@@ -251,7 +251,7 @@ def test_amed_checkpoint_resumes_weights_only(tmp_path, monkeypatch):
     config["data"]["init_args"].update(num=16, batch_size=8)
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
-    (ckpt,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    (ckpt,) = tmp_path.glob("**/checkpoints/epoch=*.ckpt")  # the end-of-epoch checkpoint
     first = torch.load(ckpt, weights_only=True)["global_step"]
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
     main(["fit", "--config", str(path), f"--ckpt_path={ckpt}", "--trainer.max_epochs=2"])

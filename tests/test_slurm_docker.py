@@ -97,7 +97,15 @@ def test_train_sbatch_command_parses(tmp_path, capsys):
     assert (trainer["num_nodes"], str(trainer["devices"]), trainer["strategy"]) == (2, "4", "ddp")
     assert trainer["default_root_dir"] == run_dir and trainer["max_steps"] == 10
     assert trainer["logger"]["init_args"]["save_dir"] == run_dir
-    assert printed["ckpt_path"] == "last"  # the Preemption callback's step-boundary last.ckpt
+    assert printed["ckpt_path"] is None  # a first start: `last` with nothing there is an error
+    # A requeued job finds its run's last.ckpt (Preemption's, at a step boundary) and resumes it.
+    checkpoints = tmp_path / run_dir / "cm" / "cm-train-4242" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").touch()
+    (tmp_path / "requeued").mkdir()
+    run = str(tmp_path / run_dir)
+    argv = run_script(TRAIN, tmp_path / "requeued", [config], CM_RUN_DIR=run, **SLURM_ENV)
+    assert argv[-1] == "--ckpt_path=last"
 
 
 def test_sample_sbatch_shards_and_eval(tmp_path):

@@ -1,10 +1,15 @@
-"""Benchmark output: Markdown tables, CSV files and the RMSE-vs-NFE plot of the solvers table."""
+"""Benchmark output: Markdown tables, CSV files and the RMSE-vs-NFE plot of the solvers table.
+
+Every file is written atomically (``cm.files.atomic_path``): complete or absent, umask modes.
+"""
 
 import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from cm.files import atomic_path
 
 
 def _cell(value: Any) -> str:
@@ -27,8 +32,7 @@ def markdown_rows(rows: Sequence[dict[str, Any]]) -> str:
 def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write ``rows`` as CSV (None as an empty cell), creating the parent directory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
@@ -58,8 +62,7 @@ def markdown_table(records: Sequence[dict[str, Any]], key: str = "rmse") -> str:
 def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One row per (solver, NFE): ``solver,nfe,steps,rmse,fid`` (empty where not run)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["solver", "nfe", "steps", "rmse", "fid"])
         writer.writeheader()
         for r in records:
@@ -70,8 +73,8 @@ def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
 def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """``markdown_table`` to ``path``: RMSE, then FID when it was measured."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(solver_tables(records))
+    with atomic_path(path) as tmp:
+        tmp.write_text(solver_tables(records))
     return path
 
 
@@ -90,7 +93,6 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str =
     from matplotlib.figure import Figure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names, _ = _columns(records)
     fig = Figure(figsize=(6.4, 4.8))
     FigureCanvasAgg(fig)
@@ -109,5 +111,6 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str =
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")  # the format by name, not by path's suffix
     return path

@@ -17,11 +17,15 @@ from torch import Tensor
 
 from cm.bench.report import solver_tables, write_csv, write_markdown, write_plot
 from cm.errors import UserError
+from cm.files import add_overwrite_argument, check_output_dir
 from cm.io import resolve_device, to_uint8
 from cm.protocols import Denoiser
 from cm.schedules import Schedule
 from cm.solvers import amed, amed_plugin, dpm2, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, unipc
 from cm.solvers.sampling import Sampler, SeededNoise, seed_labels
+from cm.trust import add_trust_option
+
+OUTPUTS = ("solvers.csv", "solvers.md", "solvers.png")  # written into --out
 
 
 @dataclass(frozen=True)
@@ -293,8 +297,12 @@ def bench_parser():
     p.add_argument("--seed", type=int, default=0, help="First seed.")
     p.add_argument("--batch_size", type=int, default=1000, help="Samples per forward pass.")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
-    p.add_argument("--out", type=str, default="bench", help="Output directory.")
+    p.add_argument(
+        "--out", type=str, default="bench", help=f"Output directory (of {', '.join(OUTPUTS)})."
+    )
+    add_overwrite_argument(p)
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
+    add_trust_option(p)
     p.add_argument("--format", type=Format, default="auto", help="Checkpoint layout (cm sample).")
     p.add_argument(
         "--denoiser",
@@ -315,6 +323,8 @@ def bench_main(args: Sequence[str]) -> Path:
         raise UserError(f"--nfe budgets must be integers >= 1, got {cfg.nfe}.")
     if cfg.num < 1:
         raise UserError(f"--num must be >= 1, got {cfg.num}.")
+    inputs = [cfg.ckpt_path, cfg.denoiser, cfg.fid_ref, *cfg.predictor]
+    check_output_dir(cfg.out, OUTPUTS, inputs, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     if cfg.oracle == "mixture":
         from cm.oracle import RandomGaussianMixture
@@ -329,12 +339,14 @@ def bench_main(args: Sequence[str]) -> Path:
     else:
         from cm.io import image_spec, load_denoiser
 
-        denoiser, _ = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
+        denoiser, _ = load_denoiser(
+            cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema, cfg.trust_config
+        )
         (shape, label_dim), dtype = image_spec(denoiser), torch.float32
         title = Path(cfg.ckpt_path).name
     from cm.io import load_predictor
 
-    predictors = [load_predictor(path) for path in cfg.predictor]
+    predictors = [load_predictor(path, trust_config=cfg.trust_config) for path in cfg.predictor]
     suite = None
     if cfg.fid_ref is not None:
         from cm.metrics import MetricSuite
@@ -361,9 +373,10 @@ def bench_main(args: Sequence[str]) -> Path:
         suite,
     )
     out = Path(cfg.out)
-    write_csv(records, out / "solvers.csv")
-    write_markdown(records, out / "solvers.md")
-    write_plot(records, out / "solvers.png", f"{title}, {cfg.schedule} grid, {cfg.num} seeds")
+    table, markdown, plot = (out / name for name in OUTPUTS)
+    write_csv(records, table)
+    write_markdown(records, markdown)
+    write_plot(records, plot, f"{title}, {cfg.schedule} grid, {cfg.num} seeds")
     print(solver_tables(records))
-    print(f"Wrote solvers.csv, solvers.md and solvers.png to {out}")
+    print(f"Wrote {', '.join(OUTPUTS)} to {out}")
     return out

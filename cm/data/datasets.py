@@ -126,6 +126,41 @@ class MixtureDataset(_TensorImageDataset):
         super().__init__(y, one_hot(k, num_components) if use_labels else None, flip=False)
 
 
+MAX_CLASSES = 100_000  # one-hot labels of more classes would take gigabytes per batch
+
+
+def _label_tensor(labels: list, fnames: list[str], where: str, fix: str) -> Tensor:
+    """``dataset.json`` labels -> one-hot ``[N, K]`` (integer classes) or float vectors ``[N, L]``.
+
+    Every label is checked first: a string, a ragged vector, a negative or huge class index
+    would otherwise surface as a bare numpy/torch error (or an allocation of terabytes).
+    """
+
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def is_class(y) -> bool:
+        return isinstance(y, int) and not isinstance(y, bool)
+
+    classes = is_class(labels[0])
+    width = len(labels[0]) if isinstance(labels[0], list) else -1
+
+    def valid(y) -> bool:
+        if classes:
+            return is_class(y) and 0 <= y < MAX_CLASSES
+        return isinstance(y, list) and len(y) == width and all(number(v) for v in y)
+
+    bad = next((i for i, y in enumerate(labels) if not valid(y)), None)
+    if bad is not None:
+        raise UserError(
+            f"{where} gives '{fnames[bad]}' the label {labels[bad]!r}: labels must all be integer "
+            f"classes in 0..{MAX_CLASSES - 1}, or all lists of numbers of one length; {fix}."
+        )
+    if classes:
+        return one_hot(torch.tensor(labels), max(labels) + 1)
+    return torch.tensor(labels, dtype=torch.float32)
+
+
 class FolderDataset(Dataset):
     """A folder (searched recursively) or ``.zip`` of images in EDM's ``dataset_tool.py`` layout.
 
@@ -241,20 +276,30 @@ class FolderDataset(Dataset):
     def _load_labels(self) -> Tensor | None:
         """Labels ``[N, L]`` from ``dataset.json``, or None if it is absent or has null labels."""
         raw = self._read("dataset.json")
-        entries = None if raw is None else json.loads(raw).get("labels")
-        if entries is None:
+        if raw is None:
             return None
-        table = {name.replace("\\", "/"): label for name, label in entries}
+        where = f"dataset.json in '{self.path}'"
+        fix = "fix it (EDM dataset_tool.py layout) or set data.init_args.use_labels=false"
+        try:
+            meta = json.loads(raw)
+            if not isinstance(meta, dict):
+                raise TypeError(f"its top level is a {type(meta).__name__}, not an object")
+            entries = meta.get("labels")
+            if entries is None:
+                return None
+            table = {str(name).replace("\\", "/"): label for name, label in entries}
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not [[name, label]]
+            detail = " ".join(str(e).split())
+            raise UserError(
+                f'{where} is not {{"labels": [[file, label], ...]}} ({detail}): {fix}.'
+            ) from None
         missing = [f for f in self.fnames if f not in table]
         if missing:
             raise UserError(
-                f"dataset.json in '{self.path}' has no label for {len(missing)} image(s), e.g. "
-                f"'{missing[0]}': list every image or set use_labels to false."
+                f"{where} has no label for {len(missing)} image(s), e.g. '{missing[0]}': list "
+                "every image or set data.init_args.use_labels=false."
             )
-        values = np.asarray([table[f] for f in self.fnames])
-        if values.ndim == 1:  # class indices -> one-hot
-            return one_hot(torch.from_numpy(values.astype(np.int64)), int(values.max()) + 1)
-        return torch.from_numpy(values.astype(np.float32))
+        return _label_tensor([table[f] for f in self.fnames], self.fnames, where, fix)
 
     def __getstate__(self) -> dict:
         """Pickle without the zip handle (spawned workers reopen it)."""

@@ -19,6 +19,8 @@ from cm.data.real import (
     open_dataset,
 )
 from cm.errors import UserError
+from cm.files import add_overwrite_argument, check_output
+from cm.io import save_grid, to_uint8
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,15 @@ def inspect_dataset(
     num: int = 64,
     split: Split = "train",
     cache_dir: str | None = None,
+    overwrite: bool = False,
 ) -> DatasetSummary:
     """Open the dataset at ``path`` and write a grid of ``num`` evenly spaced images to ``out``.
 
     For ``imagenet64`` this builds the memory-mapped ``.npy`` cache if it does not exist yet.
+    ``out`` must not lie in the dataset (it would become one of its images) nor in the cache,
+    and replaces an existing file only if ``overwrite``.
     """
-    from cm.io import save_grid, to_uint8
-
+    check_output(out, [path, cache_dir], overwrite)
     name = detect_dataset(path) if dataset == "auto" else dataset
     ds = open_dataset(name, path, resolution, split, cache_dir)
     indices = np.linspace(0, len(ds) - 1, min(num, len(ds))).round().astype(int)
@@ -126,7 +130,10 @@ def data_main(args: Sequence[str]) -> DatasetSummary:
         default=None,
         help="Image size (LSUN is center-cropped to it; default: the data's own, LSUN 256).",
     )
-    inspect.add_argument("--out", type=str, default="preview.png", help="Preview grid PNG.")
+    inspect.add_argument(
+        "--out", type=str, default="preview.png", help="Preview grid PNG (outside the dataset)."
+    )
+    add_overwrite_argument(inspect)
     inspect.add_argument("--num", type=int, default=64, help="Images in the preview.")
     inspect.add_argument(
         "--split", type=Literal["train", "test"], default="train", help="cifar10/imagenet64 split."
@@ -141,7 +148,14 @@ def data_main(args: Sequence[str]) -> DatasetSummary:
     commands.add_subcommand("inspect", inspect, help="Count and preview a dataset on disk.")
     cfg = parser.parse_args(list(args)).inspect
     summary = inspect_dataset(
-        cfg.path, cfg.dataset, cfg.resolution, cfg.out, cfg.num, cfg.split, cfg.cache_dir
+        cfg.path,
+        cfg.dataset,
+        cfg.resolution,
+        cfg.out,
+        cfg.num,
+        cfg.split,
+        cfg.cache_dir,
+        cfg.overwrite,
     )
     print(summary)
     return summary

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from cm.data.datasets import IMAGE_EXTENSIONS, FolderDataset, _random_hflip, one_hot
 from cm.errors import UserError
+from cm.files import atomic_path
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 IMAGENET64_URL = "https://image-net.org/download-images (Downsampled ImageNet 64x64)"
@@ -320,9 +321,9 @@ def _convert_imagenet64(files: list[Path], images_file: Path, labels_file: Path)
     """Write the batches' pixels ``[N, 3, 64, 64]`` and labels to temporary files, then rename."""
     labels = [_imagenet64_labels(f) for f in files]
     n = sum(len(x) for x in labels)
-    tmp_images = images_file.with_name(f".{images_file.name}.{os.getpid()}.tmp")
-    tmp_labels = labels_file.with_name(f".{labels_file.name}.{os.getpid()}.tmp")
-    try:
+    # Labels are renamed first (the inner block): a cache counts as complete only once the
+    # images file exists.
+    with atomic_path(images_file) as tmp_images, atomic_path(labels_file) as tmp_labels:
         out = np.lib.format.open_memmap(tmp_images, "w+", np.uint8, (n, 3, 64, 64))
         start = 0
         for file, y in zip(files, labels, strict=True):
@@ -333,14 +334,8 @@ def _convert_imagenet64(files: list[Path], images_file: Path, labels_file: Path)
             start += len(y)
         out.flush()
         del out
-        with open(tmp_labels, "wb") as f:
+        with open(tmp_labels, "wb") as f:  # a file object: np.save would append .npy to a name
             np.save(f, np.concatenate(labels).astype(np.int16))
-        # Labels first: a cache counts as complete only once the images file exists.
-        os.replace(tmp_labels, labels_file)
-        os.replace(tmp_images, images_file)
-    finally:
-        for tmp in (tmp_images, tmp_labels):
-            tmp.unlink(missing_ok=True)
 
 
 def list_images(root: str | Path) -> list[str]:

@@ -48,6 +48,11 @@ class StepStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        if batch_size < 1 or world_size < 1:
+            raise UserError(
+                f"A batch of {batch_size} images on each of {world_size} device(s) is empty: set "
+                "data.init_args.batch_size to a positive multiple of the number of devices."
+            )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.global_batch = batch_size * world_size

@@ -2,8 +2,9 @@
 
 Reads PNG/JPEG images (a file or every ``.png``/``.jpg``/``.jpeg`` in a folder, sorted), runs
 Song et al. 2023, Alg. 4 (:func:`cm.editing.edit`) and writes one PNG per result plus a
-side-by-side ``input | result`` PNG per batch. Lightning is imported only through ``cm.cli``'s
-sampler helpers inside :func:`edit_main`.
+side-by-side ``input | result`` PNG per batch. Every output name is checked before any work: the
+output folder is never an input folder, no input is ever written onto, and an existing file is
+replaced only with ``--overwrite``.
 """
 
 from collections.abc import Sequence
@@ -17,9 +18,20 @@ from torch import Tensor
 from cm.editing.loop import edit, interpolation_alphas, slerp, start
 from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes, half_mask
 from cm.errors import UserError
-from cm.io import Format, atomic_path, image_spec, resolve_device, save_grid, to_uint8
+from cm.files import add_overwrite_argument, check_output_dir
+from cm.io import (
+    Format,
+    atomic_path,
+    image_spec,
+    load_denoiser,
+    resolve_device,
+    save_grid,
+    to_uint8,
+)
+from cm.sample import _import_solver, _sampler_from
 from cm.solvers.consistency import multistep, onestep
 from cm.solvers.sampling import SeededNoise
+from cm.trust import add_trust_option
 
 Task = Literal["inpaint", "colorize", "superres", "sdedit", "denoise", "interpolate"]
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -84,7 +96,14 @@ def edit_parser() -> ArgumentParser:
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
     p.add_argument("--format", type=Format, default="auto", help="Checkpoint layout (cm sample).")
     p.add_argument("--denoiser", type=str | None, default=None, help="Architecture YAML (foreign).")
-    p.add_argument("--out", type=str, default="edits", help="Output folder.")
+    p.add_argument(
+        "--out",
+        type=str,
+        default="edits",
+        help="Output folder (not an input folder): one PNG per input, named as the input.",
+    )
+    add_overwrite_argument(p)
+    add_trust_option(p)
     return p
 
 
@@ -175,13 +194,13 @@ def edit_main(args: Sequence[str]) -> Path:
     """``cm edit``: Song et al. 2023, Alg. 4 on images from disk; returns the output folder."""
     from tqdm import tqdm
 
-    from cm.io import load_denoiser
-    from cm.sample import _import_solver, _sampler_from
-
     cfg = edit_parser().parse_args(list(args))
     device = resolve_device(cfg.device)
     files = [] if cfg.task == "interpolate" else list_images(_required(cfg.input, cfg.task))
-    denoiser, hparams = load_denoiser(cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema)
+    check_outputs(cfg, files)
+    denoiser, hparams = load_denoiser(
+        cfg.ckpt_path, cfg.denoiser, cfg.format, cfg.ema, cfg.trust_config
+    )
     denoiser = denoiser.to(device)
     (channels, resolution, _), label_dim = image_spec(denoiser)
     if cfg.task == "colorize" and channels != 3:
@@ -189,7 +208,7 @@ def edit_main(args: Sequence[str]) -> Path:
     operator = task_operator(cfg, resolution)
 
     sampler = _sampler_from(hparams.get("sampler"))
-    solver = _import_solver(cfg.solver) if cfg.solver else sampler.solver
+    solver = _import_solver(cfg.solver, cfg.trust_config) if cfg.solver else sampler.solver
     solver = multistep if solver is onestep else solver  # Alg. 4 re-noises between steps
     if cfg.steps is not None:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
@@ -251,6 +270,25 @@ def edit_main(args: Sequence[str]) -> Path:
         write_grid(pairs, out / f"side_by_side_{b:04d}.png", nrow=2)
     print(f"Wrote {len(files)} edited images to {out}")
     return out
+
+
+def output_names(cfg, files: Sequence[Path]) -> list[str]:
+    """The names ``edit_main`` writes into ``--out`` for these input ``files``."""
+    if cfg.task == "interpolate":
+        return [f"interp_{i:03d}.png" for i in range(cfg.num_interp)] + ["interpolation.png"]
+    batches = range(0, len(files), max(cfg.batch_size, 1))
+    return [f"{f.stem}.png" for f in files] + [
+        f"side_by_side_{b:04d}.png" for b in range(len(batches))
+    ]
+
+
+def check_outputs(cfg, files: Sequence[Path]) -> None:
+    """Refuse, before any work, an output folder that is an input's or would replace a file."""
+    mask = cfg.mask if cfg.mask not in MASKS else None
+    inputs = [cfg.ckpt_path, cfg.denoiser, mask, *files]
+    # The folder the images are read from, and that of each named file: edits never go there.
+    folders = [cfg.input, *(Path(f).parent for f in (*files, mask) if f is not None)]
+    check_output_dir(cfg.out, output_names(cfg, files), inputs, folders, cfg.overwrite)
 
 
 def _required(value: str | None, task: str) -> str:

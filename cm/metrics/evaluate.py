@@ -4,6 +4,8 @@
 prints a table and writes JSON (default ``<samples>.metrics.json``).
 ``cm eval ref --data config.yaml --out ref.npz [--num N]`` caches the real-image statistics of
 the ``data:`` section of a training YAML (see ``cm.metrics.reference`` for the file layout).
+Both check their output before any work: never one of their inputs, an existing file only with
+``--overwrite``.
 """
 
 import json
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 
 from cm.errors import UserError
-from cm.io import atomic_path, resolve_device
+from cm.files import add_overwrite_argument, atomic_path, check_output
+from cm.io import resolve_device
 from cm.metrics.features import build_extractor, import_feature
 from cm.metrics.reference import compute_reference
 from cm.metrics.suite import METRICS, MetricSuite
@@ -38,12 +41,16 @@ def _read_samples(path: Path, hint: str = "write one with `cm sample --out FILE`
     """``arr_0`` of a samples ``.npz`` (uint8 NHWC), with one clear error when missing."""
     if not path.is_file():
         raise FileNotFoundError(f"Images file '{path}' not found: {hint}.")
+    if not zipfile.is_zipfile(path):  # an .npy, an image, text: np.load would not give an npz
+        raise UserError(
+            f"Cannot read samples '{path}': not an .npz (truncated, or another format); {hint}."
+        )
     try:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:
                 raise UserError(f"'{path}' has no arr_0 (uint8 images [N, H, W, C]).")
             images = data["arr_0"]
-    except (OSError, EOFError, zipfile.BadZipFile) as error:  # truncated or not an npz
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:  # truncated, objects
         raise UserError(
             f"Cannot read samples '{path}' as an .npz ({error}): write it again with cm sample."
         ) from None
@@ -99,6 +106,7 @@ def samples_parser():
         default=None,
         help="Output JSON (default <samples>.metrics.json).",
     )
+    add_overwrite_argument(p)
     return p
 
 
@@ -118,13 +126,14 @@ def ref_parser():
         help="A training YAML whose data: section (class_path/init_args) builds the datamodule, "
         "or an .npz of uint8 images (arr_0); a guided-diffusion batch keeps its mu/sigma.",
     )
-    p.add_argument("--out", type=str, required=True, help="Output .npz.")
+    p.add_argument("--out", type=str, required=True, help="Output .npz, written at this path.")
     p.add_argument("--num", type=int | None, default=None, help="Number of images (default all).")
     p.add_argument("--feature", type=str, default="inception", help=FEATURE_HELP)
     p.add_argument("--batch_size", type=int, default=100, help="Images per forward pass.")
     p.add_argument("--clip_model", type=str, default="ViT-L-14", help="open_clip model.")
     p.add_argument("--clip_pretrained", type=str, default="openai", help="open_clip tag.")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    add_overwrite_argument(p)
     return p
 
 
@@ -145,6 +154,7 @@ def ref_main(
     """
     cfg = ref_parser().parse_args(list(args))
     data = Path(cfg.data)
+    check_output(cfg.out, [data], cfg.overwrite)
     gaussian = None
     if data.suffix == ".npz":
         batches = _npz_batches(data, cfg.batch_size)
@@ -183,6 +193,9 @@ def samples_main(args: Sequence[str]) -> dict[str, float]:
         cfg.clip_pretrained,
         device=resolve_device(cfg.device),
     )
+    # Inputs are read and checked (the suite opened --ref); the output, before any features.
+    out = Path(cfg.json) if cfg.json else samples.with_name(samples.stem + ".metrics.json")
+    check_output(out, [samples, cfg.ref], cfg.overwrite, option="--json")
     for start in range(0, len(images), cfg.batch_size):
         suite.update(torch.from_numpy(images[start : start + cfg.batch_size]))
     values = suite.compute()
@@ -196,7 +209,6 @@ def samples_main(args: Sequence[str]) -> dict[str, float]:
         "feature": cfg.feature,
         "metrics": {k: v if math.isfinite(v) else None for k, v in values.items()},
     }
-    out = Path(cfg.json) if cfg.json else samples.with_name(samples.stem + ".metrics.json")
     print(f"Wrote {_write_json(out, payload)}")
     return values
 

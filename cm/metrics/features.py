@@ -8,14 +8,14 @@ the port of the TF graph used for published FID/IS/KID tables (Heusel et al. 201
 
 import contextlib
 import importlib
-import pickle
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.image.fid import NoTrainInceptionV3
 
 from cm.errors import UserError
-from cm.weights import REGISTRY, find
+from cm.weights import REGISTRY, load_state_dict
 
 INCEPTION_FEATURES = 2048
 INCEPTION_CLASSES = 1008  # the TF graph's 1000 classes plus 8 unused ones
@@ -55,11 +55,53 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False)
 
 
+class _WeightsHandedOver(Exception):
+    """torch-fidelity's Inception constructor reached for its weights file (cm loads them)."""
+
+
+class _NoWeightsFile:
+    """Stands in for torch-fidelity's weights path: its first use stops the constructor.
+
+    ``FeatureExtractorInceptionV3.__init__`` builds its layers, then calls ``torch.load(path,
+    weights_only=False)`` on the path it is given (or downloads when it is None). Opening this
+    object raises ``_WeightsHandedOver`` before a byte is read, so torch-fidelity unpickles
+    nothing; cm then loads its SHA-256-checked, ``weights_only`` state dict into the layers.
+    """
+
+    def __fspath__(self) -> str:
+        raise _WeightsHandedOver
+
+    def __getattr__(self, name: str) -> Any:
+        raise _WeightsHandedOver
+
+
+class TFInception(NoTrainInceptionV3):
+    """torchmetrics' ``NoTrainInceptionV3`` (torch-fidelity's layers) filled with ``state``.
+
+    Args:
+        state: torch-fidelity's Inception state dict (from ``cm.weights.load_state_dict``).
+    """
+
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        features = [str(INCEPTION_FEATURES), "logits_unbiased"]
+        try:
+            super().__init__("inception-v3-compat", features, _NoWeightsFile(), antialias=False)
+        except _WeightsHandedOver:
+            pass  # the layers exist; what follows torch.load in torch-fidelity is redone here
+        else:  # a torch-fidelity that no longer opens the path: a bug to see, not a user error
+            raise TypeError("this torch-fidelity's Inception did not ask for its weights file")
+        self.use_antialias = False  # TF1-compatible resize: the numbers of published tables
+        self.load_state_dict(state)  # strict: every layer gets a published tensor
+        self.requires_grad_(False).eval()
+
+
 class InceptionFeatures(nn.Module):
     """Inception v3 pool3 features and unbiased logits, as torch-fidelity (Szegedy et al. 2016).
 
     Weights are torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` found by
-    ``cm.weights.find("inception")``; a missing file is one ``FileNotFoundError``.
+    ``cm.weights.find("inception")`` (a missing file is one ``FileNotFoundError``), checked
+    against its published SHA-256 and read with ``weights_only=True``: a replaced file is one
+    ``UserError`` and never runs code.
 
     Args:
         weights_path: the weights file; None looks it up in ``$CM_WEIGHTS`` and the torch hub cache.
@@ -71,23 +113,16 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | None = None) -> None:
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        path = str(weights_path or find("inception"))
+        state = load_state_dict("inception", weights_path)
         try:
-            self.net = NoTrainInceptionV3(
-                name="inception-v3-compat",
-                features_list=[str(INCEPTION_FEATURES), "logits_unbiased"],
-                feature_extractor_weights_path=path,
-                antialias=False,  # TF1-compatible resize: the numbers of published tables
-            )
-        except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
+            self.net = TFInception(state)
+        except RuntimeError:  # wrong keys or shapes: another network's state dict
             spec = REGISTRY["inception"]
             raise UserError(
-                f"'{path}' is not torch-fidelity's Inception state dict ({type(error).__name__}): "
-                f"download {spec.filename} again from {spec.url}."
+                f"'{weights_path or spec.filename}' is not torch-fidelity's Inception state dict "
+                f"(missing, unexpected or misshapen keys): download {spec.filename} again from "
+                f"{spec.url}."
             ) from None
-        self.net.requires_grad_(False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``[N, 3, H, W]`` uint8 -> pool3 features ``[N, 2048]``, unbiased logits ``[N, 1008]``."""

@@ -6,7 +6,9 @@ Layout of a reference file written by ``save_reference`` (``cm eval ref``):
   Gaussian of FID (Heusel et al. 2017, Eq. 6);
 - ``features``: ``[N, D]`` float32 feature bank for KID and precision/recall;
 - ``feature``: the extractor's name (``inception``, ``clip:MODEL:TAG`` or a module's import path);
-- ``num_images``: N.
+- ``num_images``: N;
+- ``channels``: 1 or 3, the channels of the real images (absent in older files): samples with
+  other channels are refused, since 1-channel images are scored as gray RGB.
 
 OpenAI's guided-diffusion reference batches (``VIRTUAL_imagenet64_labeled.npz``: ``arr_0`` uint8
 NHWC images plus Inception ``mu``/``sigma``) are read too: their ``mu``/``sigma`` are used as they
@@ -38,6 +40,7 @@ class Reference:
         features: feature bank ``[N, D]`` or None.
         has_images: whether the file holds uint8 images ``arr_0`` (read by ``images()``).
         num_images: images the statistics were computed from.
+        channels: channels of the real images (1 or 3), None when the file does not say.
     """
 
     path: Path
@@ -47,6 +50,7 @@ class Reference:
     features: np.ndarray | None
     has_images: bool
     num_images: int
+    channels: int | None = None
 
     def images(self) -> np.ndarray:
         """The uint8 NHWC images ``arr_0``, read only now (a guided-diffusion batch is large)."""
@@ -86,8 +90,8 @@ def load_reference(path: str | Path) -> Reference:
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
-            arrays = {k: data[k] for k in ("mu", "sigma", "features", "feature", "num_images")
-                      if k in keys}  # fmt: skip
+            arrays = {k: data[k] for k in ("mu", "sigma", "features", "feature", "num_images",
+                                           "channels") if k in keys}  # fmt: skip
             num_arr0 = len(data["arr_0"]) if "arr_0" in keys else 0  # arr_0 is read later
     except (OSError, ValueError) as error:
         raise UserError(f"Cannot read reference '{path}' as an .npz ({error}).") from None
@@ -104,7 +108,8 @@ def load_reference(path: str | Path) -> Reference:
         num = int(arrays["num_images"])
     else:
         num = len(features) if features is not None else num_arr0
-    return Reference(path, feature, mu, sigma, features, has_images, num)
+    channels = int(arrays["channels"]) if "channels" in arrays else None
+    return Reference(path, feature, mu, sigma, features, has_images, num, channels)
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -119,6 +124,7 @@ def save_reference(
     features: Tensor,
     feature: str,
     gaussian: tuple[np.ndarray, np.ndarray] | None = None,
+    channels: int | None = None,
 ) -> Path:
     """Write ``mu``, ``sigma``, the bank ``features`` ``[N, D]``, ``feature``, ``num_images``.
 
@@ -128,6 +134,7 @@ def save_reference(
         feature: name of the extractor that produced them.
         gaussian: ``(mu, sigma)`` to store instead of those of ``features`` (a published
             batch's, so that FIDs stay comparable with the tables that used them).
+        channels: channels of the real images (1 or 3), stored so that samples are checked.
 
     Returns:
         The path written.
@@ -148,6 +155,8 @@ def save_reference(
         "feature": np.array(feature),
         "num_images": np.array(features.shape[0], dtype=np.int64),
     }
+    if channels is not None:
+        arrays["channels"] = np.array(channels, dtype=np.int64)
     return _atomic_savez(Path(path), arrays)
 
 
@@ -172,18 +181,20 @@ def compute_reference(
         The path written.
     """
     device = next((p.device for p in extractor.parameters()), torch.device("cpu"))
-    feats, seen = [], 0
+    feats, seen, channels = [], 0, None
     for batch in batches:
         if num is not None and seen >= num:
             break
-        x = to_nchw_uint8(batch, extractor.channels)
+        x = to_nchw_uint8(batch, None)
+        channels = x.shape[1]  # before gray images are repeated to RGB for the extractor
+        x = to_nchw_uint8(x, extractor.channels)
         if num is not None:
             x = x[: num - seen]
         feats.append(extractor(x.to(device))[0].cpu())
         seen += x.shape[0]
     if seen < 2:
         raise UserError(f"Reference statistics need at least 2 images, got {seen}.")
-    return save_reference(out, torch.cat(feats), extractor.name, gaussian)
+    return save_reference(out, torch.cat(feats), extractor.name, gaussian, channels)
 
 
 def reference_features(ref: Reference, extractor: nn.Module, batch_size: int = 100) -> Tensor:

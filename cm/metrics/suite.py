@@ -168,6 +168,8 @@ class MetricSuite(nn.Module):
             )
         self.metric_names = metrics
         ref = load_reference(reference) if reference is not None else None  # check before weights
+        # (path, channels) only: the Reference holds the feature bank, kept once in the metrics
+        self.reference_channels = None if ref is None else (ref.path, ref.channels)
         feature_metrics = [m for m in metrics if m in NEEDS_REFERENCE]
         self.extractor = (
             build_extractor(feature, clip_model, clip_pretrained)
@@ -226,6 +228,13 @@ class MetricSuite(nn.Module):
             captions: one caption per image, required by ``clip_score``.
         """
         x = to_nchw_uint8(images, channels=None).to(self.device)
+        path, channels = self.reference_channels or (None, None)
+        if channels is not None and x.shape[1] != channels:
+            raise UserError(
+                f"The samples have {x.shape[1]} channel(s) but the reference '{path}' was built "
+                f"from {channels}-channel images: score samples against a reference of the same "
+                "data (cm eval ref --data with the model's training config)."
+            )
         rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         logits = None
         if self.extractor is not None:

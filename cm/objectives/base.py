@@ -150,6 +150,47 @@ def copy_net_weights(student: nn.Module, teacher: nn.Module) -> None:
     s_net.load_state_dict(t_state)
 
 
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Start ``student`` from ``teacher``'s network (CD, and CT as openai's ``cm_train.py``).
+
+    Both preconditioners must feed their networks the same ``c_noise``, else the copied network
+    would see a noise conditioning it was not trained on; this raises one error saying so.
+    """
+    s_scale = getattr(student, "noise_scale", None)
+    t_scale = getattr(teacher, "noise_scale", None)
+    if None not in (s_scale, t_scale) and s_scale != t_scale:
+        raise UserError(
+            f"The student's noise_scale ({s_scale}) differs from the teacher's "
+            f"({t_scale}): set the student's noise_scale to {t_scale} so the copied "
+            "network sees the c_noise it was trained on."
+        )
+    probe = torch.tensor([0.1, 1.0, 10.0])
+    s_noise, t_noise = _c_noise(student, probe), _c_noise(teacher, probe)
+    if s_noise is not None and t_noise is not None and not torch.allclose(s_noise, t_noise):
+        raise UserError(
+            f"The student's preconditioner ({type(student).__name__}) feeds the network "
+            f"another c_noise than the teacher's ({type(_module(teacher)).__name__}): "
+            "give the student a preconditioner with the teacher's noise conditioning, or "
+            "do not initialise it from the teacher."
+        )
+    copy_net_weights(student, teacher)
+
+
+def _module(denoiser: nn.Module) -> nn.Module:
+    """The denoiser behind a ``PretrainedDenoiser`` (its ``module``), else itself."""
+    return getattr(denoiser, "module", denoiser)
+
+
+def _c_noise(denoiser: nn.Module, sigma: Tensor) -> Tensor | None:
+    """What a preconditioner feeds its network at ``sigma`` (``[N]``); None when unknown."""
+    denoiser = _module(denoiser)
+    if hasattr(denoiser, "scalings"):  # EDM-style: c_noise = noise_scale * ln(sigma)
+        return denoiser.scalings(sigma.view(-1, 1, 1, 1))[3].flatten().float()
+    if hasattr(denoiser, "timestep"):  # discrete DDPM: the nearest trained timestep
+        return denoiser.timestep(sigma).float()
+    return None
+
+
 def drop_labels(
     labels: Tensor | None, p_uncond: float, draws: SampleDraws | None = None
 ) -> Tensor | None:

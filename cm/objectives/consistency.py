@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cm.ema import lerp_
-from cm.objectives.base import Objective
+from cm.objectives.base import Objective, init_from_teacher
 from cm.objectives.distances import PseudoHuber
 from cm.schedules import (
     ct_boundaries,
@@ -189,6 +189,12 @@ class ConsistencyTraining(ConsistencyObjective):
         sigma_max: the largest time ``T``.
         rho: Karras discretisation exponent.
         openai_compat: with ``curriculum="ct"``, compute mu(k) as openai/consistency_models does.
+        init_from: a denoiser whose network starts the student (and theta-), e.g. the EDM
+            teacher as a ``cm.io.PretrainedDenoiser``: openai/consistency_models' ``launch.sh``
+            passes ``--teacher_model_path`` to its CT runs and ``cm_train.py`` copies the teacher
+            into the model. None (default): from scratch, as the paper's CT (Song et al. 2023,
+            Sec. 5: CT needs no pre-trained diffusion model). Used once, at the first ``bind``;
+            held outside ``state_dict`` so checkpoints do not carry it.
     """
 
     def __init__(
@@ -207,12 +213,21 @@ class ConsistencyTraining(ConsistencyObjective):
         sigma_max: float = 80.0,
         rho: float = 7.0,
         openai_compat: bool = False,
+        init_from: nn.Module | None = None,
     ) -> None:
         super().__init__(distance, weighting, index_sampling, p_mean, p_std)
+        # A plain list: nn.Module would register it (checkpoints, DDP buckets, .to()).
+        self._init_from = [init_from] if init_from is not None else []
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.total_steps = total_steps
         self.curriculum, self.s0, self.s1, self.mu0 = curriculum, s0, s1, mu0
         self.openai_compat = openai_compat
+
+    def bind(self, denoiser: nn.Module) -> None:
+        """Start the student from ``init_from`` (once, before theta- is copied from it)."""
+        if self._init_from and self.target is None:
+            init_from_teacher(denoiser, self._init_from[0])
+        super().bind(denoiser)
 
     def num_scales(self, step: int, total_steps: int) -> int:
         """N(k): CT's square-root or iCT's exponential curriculum."""

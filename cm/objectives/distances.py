@@ -1,6 +1,8 @@
 """Distances ``d(x, y) -> [N]`` between image batches, injected into objectives."""
 
 import math
+import re
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -64,8 +66,9 @@ class LPIPS(nn.Module):
     """Zhang et al. 2018 LPIPS (the ``lpips`` package), CM's distance (Song et al. 2023, Sec. 5).
 
     Inputs in ``[-1, 1]`` below 256 px are resized bilinearly to 224 (openai/consistency_models).
-    The VGG16 trunk is read from ``$CM_WEIGHTS`` or the torch hub cache (never downloaded here);
-    the calibration heads ship with the ``lpips`` package. Grayscale inputs are repeated to RGB.
+    The VGG16 trunk is read from ``$CM_WEIGHTS`` or the torch hub cache (never downloaded here)
+    and checked against its published SHA-256; the calibration heads ship with the ``lpips``
+    package. Grayscale inputs are repeated to RGB.
 
     ``pooling="avg"`` replaces the trunk's max-pooling by average pooling of the same size (2x2
     for VGG), the variant openai/consistency_models trains with (piq's ``LPIPS(replace_pooling=
@@ -91,15 +94,27 @@ class LPIPS(nn.Module):
         self.resize, self.pooling = resize, pooling
         if net not in LPIPS_TRUNKS:
             raise UserError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}.")
-        path = weights.find(LPIPS_TRUNKS[net])
-        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Nothing here lets lpips or torchvision torch.load a file: the trunk comes from the
+        # SHA-256-checked cache and the heads from the package, both read with weights_only=True.
+        spec = weights.entry(LPIPS_TRUNKS[net])
+        state = weights.load_state_dict(spec)
+        self.lpips = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+        heads = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+        missing, _ = self.lpips.load_state_dict(
+            torch.load(heads, map_location="cpu", weights_only=True), strict=False
+        )
+        # lpips registers each head twice (lin<k> and lins.<k>, one tensor); the file has lin<k>
+        if lost := [key for key in missing if re.match(r"lin\d", key)]:
+            raise UserError(f"The lpips package's heads '{heads}' lack {lost[0]}: reinstall it.")
         # lpips keeps torchvision's indices: net.sliceK.<idx>.<param> <- features.<idx>.<param>
         trunk = {}
         for key in self.lpips.net.state_dict():
             _, idx, param = key.split(".")
             if f"features.{idx}.{param}" not in state:
-                raise UserError(f"'{path}' is not a torchvision {net} checkpoint; re-download it.")
+                raise UserError(
+                    f"'{spec.filename}' is not a torchvision {net} checkpoint: download it "
+                    f"again (`cm weights fetch {spec.name}`)."
+                )
             trunk[key] = state[f"features.{idx}.{param}"]
         self.lpips.net.load_state_dict(trunk)
         match pooling:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cm.errors import UserError
-from cm.objectives.base import copy_net_weights
+from cm.objectives.base import init_from_teacher
 from cm.objectives.consistency import ConsistencyObjective
 from cm.objectives.distances import SquaredL2
 from cm.solvers.rk import euler_step, heun_step
@@ -67,24 +67,7 @@ class ConsistencyDistillation(ConsistencyObjective):
     def bind(self, denoiser: nn.Module) -> None:
         """Initialise the student from the teacher (``init_from_teacher``), then copy theta-."""
         if self.init_from_teacher and self.target is None:
-            s_scale = getattr(denoiser, "noise_scale", None)
-            t_scale = getattr(self.teacher, "noise_scale", None)
-            if None not in (s_scale, t_scale) and s_scale != t_scale:
-                raise UserError(
-                    f"The student's noise_scale ({s_scale}) differs from the teacher's "
-                    f"({t_scale}): set the student's noise_scale to {t_scale} so the copied "
-                    "network sees the c_noise it was trained on."
-                )
-            probe = torch.tensor([0.1, 1.0, 10.0])
-            s_noise, t_noise = _c_noise(denoiser, probe), _c_noise(self.teacher, probe)
-            if s_noise is not None and t_noise is not None and not torch.allclose(s_noise, t_noise):
-                raise UserError(
-                    f"The student's preconditioner ({type(denoiser).__name__}) feeds the network "
-                    f"another c_noise than the teacher's ({type(_module(self.teacher)).__name__}): "
-                    "give the student a preconditioner with the teacher's noise conditioning, or "
-                    "set init_from_teacher to false."
-                )
-            copy_net_weights(denoiser, self.teacher)
+            init_from_teacher(denoiser, self.teacher)
         super().bind(denoiser)
 
     def num_scales(self, step: int, total_steps: int) -> int:
@@ -123,18 +106,3 @@ class ConsistencyDistillation(ConsistencyObjective):
     ) -> Tensor:
         """``x^_{t_n}``: the teacher's step from ``x_{t_{n+1}}``, in ``x0``'s dtype."""
         return self.teacher_step(x_next, t_next, t_cur, labels).to(x0.dtype)
-
-
-def _module(denoiser: nn.Module) -> nn.Module:
-    """The denoiser behind a ``PretrainedDenoiser`` (its ``module``), else itself."""
-    return getattr(denoiser, "module", denoiser)
-
-
-def _c_noise(denoiser: nn.Module, sigma: Tensor) -> Tensor | None:
-    """What a preconditioner feeds its network at ``sigma`` (``[N]``); None when unknown."""
-    denoiser = _module(denoiser)
-    if hasattr(denoiser, "scalings"):  # EDM-style: c_noise = noise_scale * ln(sigma)
-        return denoiser.scalings(sigma.view(-1, 1, 1, 1))[3].flatten().float()
-    if hasattr(denoiser, "timestep"):  # discrete DDPM: the nearest trained timestep
-        return denoiser.timestep(sigma).float()
-    return None

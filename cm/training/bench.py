@@ -30,7 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from cm.bench.report import markdown_rows, write_rows
 from cm.bench.sampling import measure_peak_tflops, synchronize, time_sampling
 from cm.errors import UserError
+from cm.files import add_overwrite_argument, check_output
 from cm.training.speed import Compile, CompileMode, prepare
+from cm.trust import add_trust_option
 
 # Trainer settings that change what one training step computes; the rest of the config's trainer
 # (loggers, checkpoints, validation, max_steps) is replaced by the benchmark's own.
@@ -153,11 +155,17 @@ def _split(argv: Sequence[str], names: set[str]) -> tuple[list[str], list[str]]:
         name = token.split("=", 1)[0]
         if name in names or name in ("-h", "--help"):
             own.append(token)
-            if "=" not in token and name not in ("-h", "--help") and argv:
+            if "=" not in token and name not in ("-h", "--help", "--overwrite") and argv:
                 own.append(argv.pop(0))
         else:
             rest.append(token)
     return own, rest
+
+
+def _configs(args: Sequence[str]) -> list[str]:
+    """The ``--config`` files among the config arguments (inputs the CSV must not replace)."""
+    found = [value for a, value in zip(args, args[1:], strict=False) if a == "--config"]
+    return found + [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
 
 
 def _device_name(device: torch.device) -> str:
@@ -211,6 +219,7 @@ def train_parser() -> ArgumentParser:
         help="Random images of the data module's shape and batch instead of reading the data.",
     )
     p.add_argument("--out", type=str, default="bench/train.csv", help="CSV file written.")
+    add_overwrite_argument(p)
     return p
 
 
@@ -272,6 +281,7 @@ def train_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     opts = train_parser().parse_args(own)
     if opts.steps < 1:
         raise UserError(f"--steps must be >= 1, got {opts.steps}.")
+    check_output(opts.out, _configs(args), opts.overwrite)
     # The eager run's build also tells which Compile callback the config has; the compiled run
     # gets a fresh build (compilation is in place), made after the eager one is released.
     cli = _cli(args)
@@ -329,6 +339,8 @@ def sample_parser() -> ArgumentParser:
     p.add_argument("--channels_last", type=bool, default=False, help="NHWC network.")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
     p.add_argument("--out", type=str, default="bench/sample.csv", help="CSV file written.")
+    add_overwrite_argument(p)
+    add_trust_option(p)
     return p
 
 
@@ -340,8 +352,9 @@ def sample_main(argv: Sequence[str]) -> list[dict[str, Any]]:
     opts = sample_parser().parse_args(own)
     if (opts.ckpt_path is None) == (not args):
         raise UserError("cm bench sample needs either --ckpt_path or --config (not both).")
+    check_output(opts.out, [opts.ckpt_path, *_configs(args)], opts.overwrite)
     if opts.ckpt_path is not None:
-        denoiser, _ = load_denoiser(opts.ckpt_path, None, "auto", True)
+        denoiser, _ = load_denoiser(opts.ckpt_path, None, "auto", True, opts.trust_config)
     else:
         denoiser = _cli(args).model.eval_denoiser
     device = resolve_device(opts.device)

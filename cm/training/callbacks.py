@@ -1,6 +1,5 @@
-"""Callbacks: sample grids, a samples file at the end, throughput; run-dir cleanup helpers."""
+"""Callbacks: sample grids, a samples file at the end, throughput."""
 
-import shutil
 import time
 from pathlib import Path
 
@@ -111,57 +110,3 @@ class Throughput(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
         self._start, self._images, self._steps = time.perf_counter(), 0, 0
-
-
-# -- what a failed run created (cm.cli removes it when a run fails before its first step) --
-
-
-def existing_paths(roots: list[Path], depth: int = 3) -> set[Path]:
-    """Existing paths among the ancestors of ``roots`` and their entries ``depth`` levels deep."""
-    found: set[Path] = set()
-    for root in (r.absolute() for r in roots):
-        found.update(p for p in (root, *root.parents) if p.exists())
-        level = [root] if root.is_dir() else []
-        for _ in range(depth):
-            level = [c for d in level for c in d.iterdir()]
-            found.update(level)
-            level = [c for c in level if c.is_dir() and not c.is_symlink()]
-    return found
-
-
-def run_outputs(trainer: L.Trainer, roots: list[Path]) -> list[Path]:
-    """Paths a run writes to: roots, log dirs, checkpoint dir, offline W&B run dir."""
-    outputs = list(roots)
-    for get in (
-        lambda: trainer.log_dir,
-        *(lambda lg=lg: lg.log_dir for lg in trainer.loggers),
-        lambda: trainer.checkpoint_callback.dirpath,
-        *(lambda lg=lg: Path(lg._experiment.dir).parent for lg in trainer.loggers),
-    ):
-        try:
-            path = get()
-        except Exception:  # a logger without a log_dir, or an experiment never started
-            continue
-        if path is not None:
-            outputs.append(Path(path))
-    return outputs
-
-
-def remove_new(outputs: list[Path], before: set[Path], roots: list[Path]) -> None:
-    """Delete the topmost ancestor of each output that is new since ``before``.
-
-    Never goes deeper than ``existing_paths`` looked (3 levels below a root): what it did not see
-    there might have existed before.
-    """
-    seen = {p for r in roots for p in (r.absolute(), *r.absolute().parents)}
-    for out in (o.absolute() for o in outputs):
-        for path in (*reversed(out.parents), out):
-            if path in before or not path.exists():
-                continue
-            shallow = any(
-                path.is_relative_to(r) and len(path.relative_to(r).parts) <= 3
-                for r in (r.absolute() for r in roots)
-            )
-            if path in seen or shallow:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            break

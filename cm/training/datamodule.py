@@ -7,6 +7,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -105,7 +106,18 @@ class ImageDataModule(L.LightningDataModule):
         if published is not None and published is not LSUNDataset:  # LSUN is resized to any size
             published.check_resolution(resolution)
         if not 0.0 <= val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise UserError(
+                f"data.init_args.val_fraction must be in [0, 1), got {val_fraction}: e.g. 0.05."
+            )
+        if batch_size < 1:
+            raise UserError(
+                f"data.init_args.batch_size must be a positive number of images, got {batch_size}."
+            )
+        if num_workers < 0:
+            raise UserError(
+                f"data.init_args.num_workers must be 0 (load in the main process) or more, got "
+                f"{num_workers}."
+            )
         self.dataset_name = dataset
         self.path = path
         self._resolution = resolution
@@ -260,11 +272,27 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         """Held-out batches in a fixed order; ``[]`` (no validation data) when val_fraction is 0."""
         self.setup("validate")
+        if self.val_set is None and self.trainer is not None:
+            if self.trainer.state.fn == TrainerFn.VALIDATING:  # cm validate would do nothing
+                raise UserError(
+                    "cm validate needs held-out data, but data.init_args.val_fraction is 0: set "
+                    "--data.init_args.val_fraction (e.g. 0.05)."
+                )
         return [] if self.val_set is None else self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader | list:
-        """The held-out split (as ``val_dataloader``): ``cm test`` reports the objective on it."""
-        return self.val_dataloader()
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (as ``val_dataloader``): ``cm test`` reports the objective on it.
+
+        Without one (``val_fraction`` 0) ``cm test`` would run nothing and exit 0: an error.
+        """
+        self.setup("test")
+        if self.val_set is None:
+            raise UserError(
+                "cm test needs held-out data, but this data has none (data.init_args.val_fraction "
+                "is 0): set --data.init_args.val_fraction (e.g. 0.05), the share of images held "
+                "out for validation and test."
+            )
+        return self._loader(self.val_set, train=False)
 
 
 def _published_class(dataset: str) -> type | None:

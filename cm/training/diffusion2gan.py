@@ -56,7 +56,7 @@ from cm.objectives.diffusion2gan import (
     swap_contexts,
 )
 from cm.solvers.sampling import Sampler
-from cm.training.module import DenoiserModule, finite_or_skip
+from cm.training.module import DenoiserModule, check_max_skips, finite_or_skip, warn_skipped
 
 
 class Diffusion2GANModule(L.LightningModule):
@@ -87,7 +87,10 @@ class Diffusion2GANModule(L.LightningModule):
             one-step generator, and its ``sigma_max`` is G's input noise level in training too.
         nonfinite: a G or D step with a NaN/Inf loss or gradient: ``"stop"`` ends the run with
             a clear message, ``"skip"`` leaves that network, its optimizer state and the EMA
-            untouched (the step still counts) and logs ``train/skipped_steps``.
+            untouched (the step still counts), warns on the console and logs
+            ``train/skipped_steps``.
+        max_consecutive_skips: under ``nonfinite="skip"``, end the run with an error once this
+            many G (or D) steps in a row were skipped (a diverged run does not recover).
     """
 
     def __init__(
@@ -108,8 +111,10 @@ class Diffusion2GANModule(L.LightningModule):
         ema: EMA | None = None,
         sampler: Sampler | None = None,
         nonfinite: Literal["skip", "stop"] = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
+        check_max_skips(max_consecutive_skips)
         # As DenoiserModule: under the CLI the YAML config becomes the hparams (cm sample and
         # load_checkpoint rebuild the denoiser from it); built in Python nothing is pickled.
         if _given_hyperparameters.get() is not None:
@@ -134,6 +139,7 @@ class Diffusion2GANModule(L.LightningModule):
         self.mix_fraction, self.gan_start = mix_fraction, gan_start
         self.gradient_clip_val = gradient_clip_val
         self.nonfinite, self.skipped_steps = nonfinite, 0
+        self.max_consecutive_skips, self.skip_streaks = max_consecutive_skips, {}
         self.ema = ema
         self.ema_denoiser = None
         if ema is not None:
@@ -245,6 +251,10 @@ class Diffusion2GANModule(L.LightningModule):
         """Seed the global RNG from ``(run seed, iteration, rank)`` (as ``DenoiserModule``)."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(step_seed(seed, self.iteration, self.global_rank, 1))
+
+    def on_train_end(self) -> None:
+        """Say on the console how many steps ``nonfinite="skip"`` dropped in this run."""
+        warn_skipped(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the iteration counter (lazy R1, EMA, warm-up and RNG depend on it)."""

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cm.data.stream import step_seed
@@ -35,7 +36,11 @@ class DenoiserModule(L.LightningModule):
         nonfinite: what a step with a NaN/Inf loss or gradient does: ``"stop"`` ends the run with
             an error (the default: it usually means a diverged run, better seen at once);
             ``"skip"`` drops the step (no optimizer, EMA or target update; the step still counts,
-            so curricula and data stay aligned) and logs ``train/skipped_steps``.
+            so curricula and data stay aligned), warns on the console and logs
+            ``train/skipped_steps``.
+        max_consecutive_skips: under ``nonfinite="skip"``, end the run with an error once this
+            many optimizer steps in a row were skipped: a run whose weights are already NaN or
+            huge never recovers, and would otherwise finish "successfully" with garbage.
     """
 
     def __init__(
@@ -47,8 +52,10 @@ class DenoiserModule(L.LightningModule):
         ema: EMA | None = None,
         sampler: Sampler | None = None,
         nonfinite: Literal["skip", "stop"] = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
+        check_max_skips(max_consecutive_skips)
         # Under the CLI Lightning hands us the YAML config (class_path/init_args) as hparams and
         # `load_from_checkpoint`/`cm sample` rebuild from it; built in Python, the arguments are
         # objects, which must not be pickled into checkpoints (they are read weights_only).
@@ -65,6 +72,7 @@ class DenoiserModule(L.LightningModule):
         self.sampler = sampler if sampler is not None else Sampler()
         self._batch_size = 0
         self.nonfinite, self.skipped_steps = nonfinite, 0
+        self.max_consecutive_skips, self.skip_streaks = max_consecutive_skips, {}
 
     @property
     def eval_denoiser(self) -> nn.Module:
@@ -103,7 +111,8 @@ class DenoiserModule(L.LightningModule):
             if data_value != net_value:
                 raise UserError(
                     f"The data has {name} {data_value} but the network has {name} {net_value}: "
-                    f"set the net's {_NET_KEYS[name]} or data.init_args.{name} to match."
+                    f"set model.init_args.denoiser.init_args.net.init_args.{_NET_KEYS[name]} to "
+                    f"{data_value}{_DATA_KEYS[name]}."
                 )
 
     def configure_optimizers(self):  # noqa: D102 - Lightning hook
@@ -188,6 +197,10 @@ class DenoiserModule(L.LightningModule):
         if self.ema is not None:
             batch = self._batch_size * self.trainer.accumulate_grad_batches
             self.ema.update(self.ema_denoiser, self.denoiser, step, batch)
+
+    def on_train_end(self) -> None:
+        """Say on the console how many steps ``nonfinite="skip"`` dropped in this run."""
+        warn_skipped(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the skipped-step counter across resumes."""
@@ -288,17 +301,67 @@ def finite_or_skip(module: L.LightningModule, loss: Tensor | None, optimizer) ->
     Otherwise the module's ``nonfinite`` policy applies: ``"stop"`` raises one clear error,
     ``"skip"`` drops the gradients (an optimizer step then changes no parameter or moment) and
     counts the step in ``module.skipped_steps``.
+
+    The skip is reported on the console (rank zero) with the step and the count, and
+    ``module.max_consecutive_skips`` skips in a row of one optimizer end the run with an error.
     """
+    streak = id(getattr(optimizer, "optimizer", optimizer))  # G and D keep separate streaks
     if all_finite(module.trainer, loss, optimizer):
+        module.skip_streaks[streak] = 0
         return True
     optimizer.zero_grad(set_to_none=True)
     module.skipped_steps += 1
+    step = module.global_step
     if module.nonfinite == "stop":
         raise UserError(
-            f"Non-finite loss or gradients at step {module.global_step}: the run diverged; lower "
+            f"Non-finite loss or gradients at step {step}: the run diverged; lower "
             "the learning rate, or set model.init_args.nonfinite=skip to skip such steps."
         )
+    module.skip_streaks[streak] = run = module.skip_streaks.get(streak, 0) + 1
+    limit = module.max_consecutive_skips
+    if run >= limit:
+        raise UserError(
+            f"Non-finite loss or gradients in {run} steps in a row (up to step {step}; "
+            f"model.init_args.max_consecutive_skips={limit}): the run diverged and skipping "
+            "cannot recover it; lower the learning rate or resume from an earlier checkpoint."
+        )
+    rank_zero_warn(
+        f"Step {step}: non-finite loss or gradients, step skipped (nonfinite=skip; "
+        f"{module.skipped_steps} skipped in all, {run} in a row, the run stops at {limit}).",
+        category=NonFiniteStepWarning,
+    )
     return False
 
 
+class NonFiniteStepWarning(UserWarning):
+    """A training step was skipped for a NaN/Inf loss or gradient (``nonfinite="skip"``)."""
+
+
+def check_max_skips(max_consecutive_skips: int) -> None:
+    """Refuse a ``max_consecutive_skips`` below 1 (it would stop at the first skip, or never)."""
+    if max_consecutive_skips < 1:
+        raise UserError(
+            f"model.init_args.max_consecutive_skips must be at least 1, got "
+            f"{max_consecutive_skips}: use nonfinite=stop to stop at the first non-finite step."
+        )
+
+
+def warn_skipped(module: L.LightningModule) -> None:
+    """After training: how many of the run's steps ``nonfinite="skip"`` dropped (rank zero)."""
+    if module.skipped_steps:
+        rank_zero_warn(
+            f"{module.skipped_steps} optimizer step(s) in {module.global_step} training steps "
+            "were skipped for non-finite loss or gradients (nonfinite=skip): check the run "
+            "before using it.",
+            category=NonFiniteStepWarning,
+        )
+
+
 _NET_KEYS = {"resolution": "img_resolution", "channels": "in_channels", "label_dim": "label_dim"}
+# What changes the data's side of each check (ImageDataModule has no label_dim option: labels
+# come from the dataset, and use_labels=false drops them).
+_DATA_KEYS = {
+    "resolution": " or data.init_args.resolution to match",
+    "channels": " (and out_channels; a folder's channels are its images')",
+    "label_dim": ", or data.init_args.use_labels to false for an unconditional model",
+}

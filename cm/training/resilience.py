@@ -39,17 +39,34 @@ class Preemption(L.Callback):
         self._previous: dict[int, object] = {}
         self._trainer: L.Trainer | None = None
         self._chained: int | None = None
+        self._after_step = False  # between a finished optimizer step and the next batch
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Install the signal handlers over Lightning's (registered just before this hook)."""
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a run without a checkpoint to write; forget an earlier fit's signal."""
         if trainer.checkpoint_callback is None:
             raise UserError(
                 "cm.training.Preemption writes the ModelCheckpoint's last.ckpt: set "
                 "trainer.enable_checkpointing to true or add a ModelCheckpoint callback."
             )
-        self._requested, self._trainer, self._chained = None, trainer, None
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python only delivers signals to the main thread
+        self._requested = None
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Install the handlers before the sanity check (Lightning registered its own)."""
+        self._install(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Install the handlers (if the sanity check did not) over Lightning's."""
+        self._install(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``cm validate`` too: a signal ends the evaluation."""
+        self._install(trainer)
+
+    def _install(self, trainer: L.Trainer) -> None:
+        """Take SIGTERM over and chain SIGUSR1 (once per run; main thread only)."""
+        self._trainer = trainer
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return  # installed already; or off the main thread, where Python delivers no signal
         signums = [signal.SIGTERM]
         if hasattr(signal, "SIGUSR1"):
             # A SIGUSR1 handler already there is Lightning's SLURM requeue (hpc_ckpt, `scontrol
@@ -60,8 +77,14 @@ class Preemption(L.Callback):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 
-    def _handle(self, signum: int, frame: object) -> None:
-        """Remember the request; forward it to the ranks this process launched (plain ``ddp``)."""
+    def _handle(self, signum: int, frame) -> None:
+        """Remember the request; forward it to launched ranks; cut an evaluation short.
+
+        Training waits for the optimizer-step boundary; an evaluation (the sanity check, a
+        validation, the sampling of callbacks after a finished step) has no state to keep, so
+        the handler raises right there, between two of its inner steps (e.g. the 1000 timesteps
+        of a bits/dim evaluation) — never while a checkpoint is being written.
+        """
         previous = self._previous.get(signum)
         if signum == self._chained and callable(previous):
             previous(signum, frame)
@@ -70,13 +93,42 @@ class Preemption(L.Callback):
         launcher = self._trainer.strategy.launcher if self._trainer is not None else None
         if first and launcher is not None:
             launcher.kill(signum)
+        if self._evaluating(frame) and not _in(frame, "save_checkpoint", "_save_checkpoint"):
+            raise _Interrupted
+
+    def _evaluating(self, frame) -> bool:
+        """Whether the run is in an evaluation, which a signal may interrupt anywhere."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        # After a finished step, inside a later callback's on_train_batch_end (sample grids,
+        # generative metrics): the state is the step boundary's, as in this callback's own save.
+        sampling = self._after_step and _in(frame, "on_train_batch_end", callback=True)
+        return trainer.sanity_checking or trainer.validating or sampling
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        """A new (micro-)batch: training state changes from here on."""
+        self._after_step = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         """At an optimizer-step boundary, if any rank was signalled: checkpoint and exit."""
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # inside an accumulation window: finish the optimizer step first
         if not trainer.strategy.reduce_boolean_decision(self._requested is not None, all=False):
+            # Preemption runs first (cm.cli): the later callbacks' sampling may be cut short.
+            self._after_step = True
             return
+        self._save(trainer)
+        raise SIGTERMException
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        """A signal that came while a checkpoint was written ends the evaluation here."""
+        if self._requested is not None:
+            raise _Interrupted
+
+    def _save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` of the finished step ``trainer.global_step``."""
+        self._after_step = False
         checkpoint = trainer.checkpoint_callback
         path = Path(checkpoint.dirpath) / "last.ckpt"
         if isinstance(checkpoint, ModelCheckpoint):
@@ -89,14 +141,26 @@ class Preemption(L.Callback):
             f"Preempted by {name}: checkpoint of step {trainer.global_step} written to {path}; "
             "resume with the same command and --ckpt_path last."
         )
-        raise SIGTERMException
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        """Restore the handlers; after an interrupted evaluation, keep the finished steps.
+
+        ``_Interrupted`` is a ``SystemExit`` without a code: once Lightning has torn down, the
+        process exits with 0. During ``fit`` the weights are those of the last finished
+        optimizer step, so ``last.ckpt`` is written as at a step boundary; the sanity check
+        (before any step) and ``cm validate`` have nothing to save.
+        """
+        self._restore()
+        if not isinstance(exception, _Interrupted):
+            return
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+            return
+        name = signal.Signals(self._requested).name if self._requested else "a signal"
+        rank_zero_info(f"Preempted by {name} during an evaluation: nothing to save.")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Put back the handlers this callback replaced (if they are still its own)."""
-        self._restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        """Also on the way out of an interrupted run (Lightning skips ``teardown`` then)."""
         self._restore()
 
     def _restore(self) -> None:
@@ -105,3 +169,21 @@ class Preemption(L.Callback):
             if signal.getsignal(signum) == self._handle:
                 signal.signal(signum, previous)
         self._previous, self._trainer = {}, None
+
+
+class _Interrupted(SIGTERMException):
+    """A signal cut an evaluation short (``Preemption`` exits with 0 after it)."""
+
+
+def _in(frame, *names: str, callback: bool = False) -> bool:
+    """Whether ``frame`` runs inside a function named one of ``names`` (a callback's method).
+
+    The interrupted frame's stack says what a signal would cut short: a checkpoint write (never
+    truncated), or a callback's hook (rather than the module's or Lightning's loop bookkeeping).
+    """
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name in names and (not callback or isinstance(owner, L.Callback)):
+            return True
+        frame = frame.f_back
+    return False
