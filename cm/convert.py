@@ -17,6 +17,7 @@ may live on the ``meta`` device: only its keys and shapes are read.
 
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Literal
 
 from torch import Tensor, nn
@@ -26,6 +27,8 @@ from cm.networks.adm import ADMUNet, AttentionBlock
 from cm.networks.ncsnpp import FIRResample, NCSNpp
 
 AttentionOrder = Literal["qkv_first", "heads_first"]
+# Checkpoint layouts that cm.checkpoint.load_denoiser reads; auto: cm for a dir or .ckpt.
+Format = Literal["auto", "cm", "openai", "openai_legacy", "edm"]
 
 ADM_HINT = (
     "check the ADMUNet config against the checkpoint's flags (model_channels, channel_mult, "
@@ -213,3 +216,37 @@ def network_of(denoiser: nn.Module) -> nn.Module:
     """The raw network inside a preconditioner (its ``net``), or ``denoiser`` itself."""
     net = getattr(denoiser, "net", denoiser)
     return net if isinstance(net, nn.Module) else denoiser
+
+
+def convert_state(state: dict[str, Tensor], net: nn.Module, format: Format) -> dict[str, Tensor]:
+    """Remap a foreign ``state`` onto ``net`` by the key map of ``format``."""
+    match format:
+        case "openai" | "openai_legacy" if isinstance(net, ADMUNet):
+            order = "heads_first" if format == "openai_legacy" else "qkv_first"
+            return convert_openai(state, net, order)
+        case "edm" if isinstance(net, NCSNpp):
+            return convert_edm(state, net)
+        case _:
+            wanted = "cm.networks.NCSNpp" if format == "edm" else "cm.networks.ADMUNet"
+            raise UserError(
+                f"Format {format!r} loads into {wanted}, but the denoiser's network is a "
+                f"{type(net).__name__}: fix the denoiser config or the format."
+            )
+
+
+def published_url(path: Path, format: Format) -> str:
+    """Where a published checkpoint named like ``path`` is downloaded from ('' if unknown)."""
+    name = path.name
+    if re.fullmatch(r"(edm|cd|ct)_(imagenet64|bedroom256|cat256)\w*\.pt", name):
+        return f" (published at https://openaipublic.blob.core.windows.net/consistency/{name})"
+    if re.fullmatch(r"\d+(x\d+_diffusion\w*|_\d+_upsampler)\.pt", name):
+        return (
+            f" (published at https://openaipublic.blob.core.windows.net/diffusion/jul-2021/{name})"
+        )
+    match format:
+        case "openai" | "openai_legacy":
+            return " (published by openai/consistency_models and openai/guided-diffusion)"
+        case "edm":
+            return " (extract it from NVlabs/edm's network-snapshot-*.pkl as cm.io describes)"
+        case _:
+            return ""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cm.editing import Inpaint, SuperRes, edit, half_mask, slerp, start
-from cm.editing.cli import write_grid
+from cm.editing.images import write_grid
 from cm.io import load_denoiser, to_uint8
 from cm.metrics.digits import DigitsFeatures, digits_split, load_digits_uint8
 from cm.schedules import karras_sigmas

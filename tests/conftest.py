@@ -9,6 +9,7 @@ random weights file's SHA-256 registered as the published one, for one test), an
 import json
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401 - before any capsys: its log handler binds the real stderr
 import torch
 
 torch.set_num_threads(1)

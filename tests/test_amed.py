@@ -297,3 +297,47 @@ def test_sample_with_predictor(tmp_path, capsys):
         load_predictor(tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match="holds no AMED predictor"):
         load_predictor(denoiser_ckpt)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_interval_step_is_skipped_or_stops(tmp_path, policy):
+    """An Inf gradient at step 1: "skip" leaves the predictor and Adam untouched; "stop" raises."""
+    import lightning as L
+
+    from cm.training import AMEDModule, SeedDataModule
+
+    seen = {}
+
+    class PoisonAndSnapshot(L.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            """Weights and Adam moments before step ``global_step``; poison step 1's gradient."""
+            state = trainer.optimizers[0].state.values()
+            seen[trainer.global_step] = (
+                [p.detach().clone() for p in pl_module.predictor.parameters()],
+                [s["exp_avg"].clone() for s in state],
+            )
+            if trainer.global_step == 1:
+                next(pl_module.predictor.parameters()).grad.view(-1)[0] = float("inf")
+
+    torch.manual_seed(0)
+    module = AMEDModule(
+        RandomGaussianMixture(10, 8, 1, 0.5, 0),
+        AMEDPredictor(num_steps=4, solver="ipndm"),
+        AMEDDistillation(heun, teacher_substeps=3),
+        nonfinite=policy,
+    )
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[PoisonAndSnapshot()],
+    )  # fmt: skip
+    data = SeedDataModule(num=16, batch_size=8)
+    if policy == "stop":
+        with pytest.raises(ValueError, match="Non-finite loss or gradients at step 1"):
+            trainer.fit(module, data)
+        return
+    trainer.fit(module, data)
+    assert trainer.global_step == 6 and module.skipped_steps == 1  # 3 intervals, 2 batches
+    for before, after in zip(seen[1], seen[2], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(seen[2][0], seen[3][0], strict=True))

@@ -81,7 +81,7 @@ def png_folder(path: Path, num: int, size: int = 8, mode: str = "L") -> Path:
     return path
 
 
-FOLDER = ["--data.init_args.dataset=folder", "--data.init_args.use_labels=false"]
+FOLDER = ["--data.init_args.dataset=cm.data.ImageFolder", "--data.init_args.use_labels=false"]
 UNCOND = ["--model.init_args.denoiser.init_args.net.init_args.label_dim=0"]
 
 
@@ -90,7 +90,9 @@ UNCOND = ["--model.init_args.denoiser.init_args.net.init_args.label_dim=0"]
 
 def test_fit_missing_data_folder(tmp_path, capsys):
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={tmp_path / 'nope'}")
+    args = fit_args(
+        root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={tmp_path / 'nope'}"
+    )
     fails(args, "nope", capsys)
     assert not root.exists()
 
@@ -99,7 +101,7 @@ def test_fit_corrupt_png_in_folder(tmp_path, capsys):
     data = png_folder(tmp_path / "data", 4)
     (data / "1.png").write_bytes((data / "1.png").read_bytes()[:30])  # truncated
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={data}")
+    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={data}")
     args += ["--data.init_args.batch_size=4"]
     fails(args, "1.png", capsys)
     assert not root.exists()
@@ -113,7 +115,9 @@ def test_fit_truncated_zip(tmp_path, capsys):
     blob = (tmp_path / "data.zip").read_bytes()
     (tmp_path / "data.zip").write_bytes(blob[: len(blob) // 2])
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={tmp_path / 'data.zip'}")
+    args = fit_args(
+        root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={tmp_path / 'data.zip'}"
+    )
     fails(args, "data.zip", capsys)
     assert not root.exists()
 
@@ -121,7 +125,9 @@ def test_fit_truncated_zip(tmp_path, capsys):
 def test_fit_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={tmp_path / 'empty'}")
+    args = fit_args(
+        root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={tmp_path / 'empty'}"
+    )
     fails(args, "empty", capsys)
     assert not root.exists()
 
@@ -135,14 +141,18 @@ def test_fit_wrong_resolution(tmp_path, capsys):
 def test_fit_wrong_channels(tmp_path, capsys):
     data = png_folder(tmp_path / "data", 4, mode="RGB")
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={data}")
+    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={data}")
     fails(args, "channels", capsys)
     assert not root.exists()
 
 
 def test_fit_label_count_mismatch(tmp_path, capsys):
     root = tmp_path / "run"
-    args = fit_args(root, "--data.init_args.dataset=mixture", "--data.init_args.num_components=4")
+    args = fit_args(
+        root,
+        "--data.init_args.dataset=cm.data.Mixture",
+        "--data.init_args.dataset.init_args.num_components=4",
+    )
     fails(args, "label", capsys)
     assert not root.exists()
 
@@ -404,7 +414,11 @@ def test_fit_bad_dataset_json(tmp_path, capsys, labels, match):
     raw = labels if isinstance(labels, str | bytes) else json.dumps(labels)
     (data / "dataset.json").write_bytes(raw if isinstance(raw, bytes) else raw.encode())
     root = tmp_path / "run"
-    args = fit_args(root, "--data.init_args.dataset=folder", f"--data.init_args.path={data}")
+    args = fit_args(
+        root,
+        "--data.init_args.dataset=cm.data.ImageFolder",
+        f"--data.init_args.dataset.init_args.path={data}",
+    )
     line = fails(args, match, capsys)
     assert "dataset.json" in line and str(data) in line and "use_labels" in line
     assert not root.exists()
@@ -416,7 +430,9 @@ def test_fit_folder_without_images(tmp_path, capsys):
     (tmp_path / "data" / "README.txt").write_text("digits")
     (tmp_path / "data" / "labels.csv").write_text("a,b")
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={tmp_path / 'data'}")
+    args = fit_args(
+        root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={tmp_path / 'data'}"
+    )
     fails(args, "No images found", capsys)
     assert not root.exists() and listing(tmp_path / "data") == ["README.txt", "labels.csv"]
 
@@ -425,7 +441,7 @@ def test_fit_text_file_named_png(tmp_path, capsys):
     data = png_folder(tmp_path / "data", 4)
     (data / "0.png").write_text("not an image")
     root = tmp_path / "run"
-    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.path={data}")
+    args = fit_args(root, *FOLDER, *UNCOND, f"--data.init_args.dataset.init_args.path={data}")
     fails(args, "Cannot read image '0.png'", capsys)
     assert not root.exists()
 

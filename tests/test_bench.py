@@ -8,8 +8,8 @@ import torch
 
 from cm.bench import SOLVERS, bench_solvers, markdown_table
 from cm.cli import main
+from cm.commands.bench.train import train_main
 from cm.oracle import RandomGaussianMixture
-from cm.training.bench import train_main
 
 SHAPE = (1, 4, 4)
 NFES = (3, 5, 7, 9)

@@ -1,14 +1,19 @@
 import itertools
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from cm.data import DigitsDataset, FolderDataset, MixtureDataset
+from cm.cli import main
+from cm.data import Digits, DigitsDataset, FolderDataset, ImageFolder, Mixture, MixtureDataset
 from cm.training.datamodule import ImageDataModule
+
+QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
 
 
 def _write_images(root, n=6, size=8, mode="RGB", labels=True):
@@ -130,10 +135,7 @@ def test_datamodule_digits():
 
 def test_datamodule_mixture_and_split():
     dm = ImageDataModule(
-        "mixture",
-        num_samples=100,
-        num_components=3,
-        channels=3,
+        Mixture(num_samples=100, num_components=3, channels=3),
         resolution=4,
         batch_size=8,
         use_labels=False,
@@ -154,14 +156,22 @@ def test_datamodule_mixture_and_split():
 
 def test_datamodule_folder(tmp_path):
     root = _write_images(tmp_path / "imgs", n=8)
-    with pytest.raises(ValueError, match="path"):
-        ImageDataModule("folder")
-    dm = ImageDataModule("folder", path=str(root), resolution=8, batch_size=4)
-    assert (dm.channels, dm.label_dim) == (3, 3)
+    with pytest.raises(ValueError, match=r"'folder' is not a dataset.*cm\.data\.CIFAR10"):
+        ImageDataModule("folder")  # the old short names of datasets with files say the new syntax
+    dm = ImageDataModule(ImageFolder(str(root)), batch_size=4)  # resolution from the files
+    assert (dm.resolution, dm.channels, dm.label_dim) == (8, 3, 3)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 8, 8) and y.shape == (4, 3)
     with pytest.raises(ValueError, match="batch_size"):
-        ImageDataModule("folder", path=str(root), batch_size=64).train_dataloader()
+        ImageDataModule(ImageFolder(str(root)), batch_size=64).train_dataloader()
+
+
+def test_datamodule_resolution_once():
+    """A resizable dataset takes the DataModule's resolution; two different sizes are an error."""
+    assert ImageDataModule(Digits(16)).resolution == 16
+    assert ImageDataModule("digits", resolution=16).full_dataset[0][0].shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="give the size once"):
+        ImageDataModule(Digits(16), resolution=8)
 
 
 def test_step_stream_ranks_workers_and_resume():
@@ -187,3 +197,20 @@ def test_step_stream_ranks_workers_and_resume():
     # two ranks split a global batch of 16 without overlap
     s0, s1 = StepStream(ds, 8, 3, 0, 0, 2), StepStream(ds, 8, 3, 0, 1, 2)
     assert not set(s0.indices(5)) & set(s1.indices(5))
+
+
+def test_dataset_object_on_the_command_line(capsys):
+    """``--data.init_args.dataset`` switches the class; the old flat options are refused."""
+    data = "--data.init_args.dataset"
+    args = ["fit", "--config", QUICKSTART, f"{data}=cm.data.Mixture"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"{data}.init_args.num_components=4", "--print_config"])
+    assert exit_info.value.code == 0
+    dataset = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["dataset"]
+    assert dataset["class_path"] == "cm.data.Mixture"
+    assert dataset["init_args"]["num_components"] == 4
+    # a data: section of older configs: one error line naming the key
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--data.init_args.num_components=4"])
+    assert exit_info.value.code == 2
+    assert "'num_components' is not accepted" in capsys.readouterr().err

@@ -207,29 +207,32 @@ def test_module_step_counts_and_lazy_r1(tmp_path, monkeypatch):
     assert r1_calls == [0, 2]
 
 
+def write_pairs(root: Path, n: int = 32) -> Path:
+    """A folder of ``n`` random 8x8 class-conditional ODE pairs in ``cm predict``'s layout."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    root.mkdir(parents=True)
+    name = f"pairs-000000000-{n - 1:09d}.safetensors"
+    pairs = {
+        "seeds": torch.arange(n),
+        "z": torch.randn(n, 1, 8, 8, generator=g).half(),
+        "x": (torch.rand(n, 1, 8, 8, generator=g) * 2 - 1).half(),
+        "labels": torch.arange(n) % 10,
+    }
+    save_file(pairs, str(root / name))
+    shard = {"file": name, "first_seed": 0, "count": n}
+    index = {"image_shape": [1, 8, 8], "label_dim": 10, "shards": [shard], "num_pairs": n}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
 def test_fit_then_sample_through_the_cli(tmp_path):
     teacher = last_ckpt(fit(tmp_path / "teacher", 2))
     # The quickstart teacher is a ConsistencyPrecond: give G that preconditioner so cm sample
     # rebuilds it; the D config is the tiny quickstart net (tests/tiny.yaml).
     tiny = {"model_channels": 16, "num_res_blocks": 1, "num_head_channels": 16}
-    g = torch.Generator().manual_seed(0)
-    root = tmp_path / "pairs"
-    root.mkdir()
-    from safetensors.torch import save_file
-
-    n = 32
-    save_file(
-        {
-            "seeds": torch.arange(n),
-            "z": torch.randn(n, 1, 8, 8, generator=g).half(),
-            "x": (torch.rand(n, 1, 8, 8, generator=g) * 2 - 1).half(),
-            "labels": torch.arange(n) % 10,
-        },
-        str(root / "pairs-000000000-000000031.safetensors"),
-    )
-    shard = {"file": "pairs-000000000-000000031.safetensors", "first_seed": 0, "count": n}
-    index = {"image_shape": [1, 8, 8], "label_dim": 10, "shards": [shard], "num_pairs": n}
-    (root / "index.json").write_text(json.dumps(index))
+    root = write_pairs(tmp_path / "pairs")
     net = {"init_args": tiny}
     override = {
         "trainer": {
@@ -321,3 +324,54 @@ def test_nonfinite_generator_step_is_skipped_or_stops(tmp_path, policy):
     assert trainer.global_step == 2 and module.skipped_steps == 2
     for before, after in zip(seen[0], seen[1], strict=True):
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def d2g_fit(root: Path, pairs: Path, *extra: str) -> dict:
+    """Two G+D iterations of the tiny digits config from random weights, SGD; the checkpoint."""
+    net = ["model_channels=16", "num_res_blocks=1", "num_head_channels=16", "num_groups=8"]
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--model.init_args.teacher=null",
+            *[f"--model.init_args.denoiser.init_args.net.init_args.{a}" for a in net],
+            *[f"--model.init_args.discriminator.init_args.net.init_args.{a}" for a in net],
+            "--model.init_args.discriminator.init_args.num_groups=8",
+            *[f"--model.init_args.{o}=torch.optim.SGD" for o in OPTIMIZERS],
+            *[f"--model.init_args.{o}.init_args.lr=0.01" for o in OPTIMIZERS],
+            "--model.init_args.r1_interval=1",
+            "--model.init_args.mix_fraction=0.5",
+            f"--data.init_args.root={pairs}",
+            "--data.init_args.batch_size=8",
+            *extra,
+        ]
+    )
+    (ckpt,) = root.glob("**/checkpoints/*.ckpt")
+    return torch.load(ckpt, weights_only=True)
+
+
+# SGD rather than Adam, as tests/test_ddp.py: Adam turns summation-order rounding into steps.
+OPTIMIZERS = ("optimizer", "discriminator_optimizer")
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """Mix-and-match rows and partners and the R1 sample are drawn over the global batch."""
+    pairs = write_pairs(tmp_path / "pairs")
+    single = d2g_fit(tmp_path / "one", pairs)
+    ddp = d2g_fit(
+        tmp_path / "two",
+        pairs,
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp_spawn_find_unused_parameters_true",
+    )
+    assert single["global_step"] == ddp["global_step"] == 2
+    assert any(k.startswith("discriminator.") for k in single["state_dict"])
+    for key, value in single["state_dict"].items():
+        torch.testing.assert_close(value, ddp["state_dict"][key], msg=key)

@@ -251,7 +251,7 @@ def _first_loss(root: Path) -> float:
 
 def test_cd_mixture_distance_reaches_loss_and_rmse_script(tmp_path, capsys):
     # the YAML distance choice must reach the logged loss (openai's code ignores it)
-    small = ["--data.init_args.num_samples=64"]
+    small = ["--data.init_args.dataset.init_args.num_samples=64"]
     l2 = _fit("cd_mixture.yaml", tmp_path / "l2", 2, *small)
     l1 = _fit(
         "cd_mixture.yaml",

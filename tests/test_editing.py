@@ -204,7 +204,7 @@ def read_png(path):
 def test_cli_inpaint(tiny_ckpt, tmp_path):
     from PIL import Image
 
-    from cm.editing.cli import edit_main
+    from cm.commands.edit import edit_main
 
     images = write_digits(tmp_path / "in", 3)
     mask = np.zeros((8, 8), np.uint8)
@@ -239,7 +239,7 @@ def test_cli_inpaint(tiny_ckpt, tmp_path):
 
 
 def test_cli_other_tasks(tiny_ckpt, tmp_path):
-    from cm.editing.cli import edit_main
+    from cm.commands.edit import edit_main
 
     write_digits(tmp_path / "in", 2)
     write_digits(tmp_path / "low", 1, size=4)
@@ -311,7 +311,7 @@ def test_cli_other_tasks(tiny_ckpt, tmp_path):
     ],
 )
 def test_cli_errors(tiny_ckpt, tmp_path, extra, error, match):
-    from cm.editing.cli import edit_main
+    from cm.commands.edit import edit_main
 
     write_digits(tmp_path / "in", 1)
     write_digits(tmp_path / "big", 1, size=16)
@@ -327,7 +327,7 @@ def test_cli_errors(tiny_ckpt, tmp_path, extra, error, match):
 
 
 def test_cli_rejects_unknown_task(tiny_ckpt):
-    from cm.editing.cli import edit_main
+    from cm.commands.edit import edit_main
 
     with pytest.raises(ArgumentError, match="deblur"):
         edit_main(["--ckpt_path", str(tiny_ckpt), "--task", "deblur", "--input", "x.png"])

@@ -6,11 +6,11 @@ import sys
 
 import cm
 
-# Every module of the package except the Lightning shell (cm.training, cm.cli, cm.__main__).
+# Every module of the package except the Lightning shell (cm.training, cm.commands, cm.cli).
 CORE = sorted(
     m.name
     for m in pkgutil.walk_packages(cm.__path__, "cm.")
-    if not m.name.startswith(("cm.training", "cm.cli", "cm.__main__"))
+    if not m.name.startswith(("cm.training", "cm.commands", "cm.cli", "cm.__main__"))
 )
 
 BLOCK = """

@@ -142,7 +142,7 @@ def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
         case "amed_mixture.yaml":
             return ["--data.init_args.num=32", "--data.init_args.batch_size=8"]
         case "cd_mixture.yaml":
-            return ["--data.init_args.num_samples=64"]
+            return ["--data.init_args.dataset.init_args.num_samples=64"]
         case "d2g_digits.yaml":
             # G and D start from the narrow teacher; R1 at every step, also after the resume.
             net = f"--model.init_args.discriminator.init_args.net.init_args={json.dumps(NARROW)}"
@@ -157,8 +157,8 @@ def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
             encoder = {"model": TINY_CLIP, "pretrained": "random", "max_length": 8}
             return [
                 f"--model.init_args.denoiser.init_args.net.init_args.context_dim={WIDTH}",
-                f"--data.init_args.path={request.getfixturevalue('captions')}",
-                f"--data.init_args.text_encoder.init_args={json.dumps(encoder)}",
+                f"--data.init_args.dataset.init_args.path={request.getfixturevalue('captions')}",
+                f"--data.init_args.dataset.init_args.text_encoder.init_args={json.dumps(encoder)}",
             ]
     return []
 

@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 from cm.cli import main
-from cm.data import CIFAR10Dataset, ImageNet64Dataset, LSUNDataset, center_crop_arr
+from cm.data import (
+    CIFAR10,
+    LSUN,
+    CIFAR10Dataset,
+    ImageNet64,
+    ImageNet64Dataset,
+    LSUNDataset,
+    center_crop_arr,
+)
 from cm.data import real as real_module
 from cm.data.inspect import detect_dataset
 from cm.data.real import imagenet64_class_index
@@ -262,21 +270,21 @@ def test_lsun_folder_of_odd_sizes(tmp_path):
 
 def test_datamodule_reads_shapes_without_loading(tmp_path):
     root = _cifar(tmp_path)
-    dm = ImageDataModule("cifar10", path=str(root), resolution=32, batch_size=4)
+    dm = ImageDataModule(CIFAR10(str(root)), resolution=32, batch_size=4)
     assert (dm.resolution, dm.channels, dm.label_dim) == (32, 3, 10) and dm._full is None
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4, 10)
     with pytest.raises(ValueError, match="resolution to 32"):
-        ImageDataModule("cifar10", path=str(root))
-    with pytest.raises(ValueError, match="needs data.path"):
-        ImageDataModule("lsun", resolution=16)
+        ImageDataModule(CIFAR10(str(root)), resolution=16)
+    assert ImageDataModule(CIFAR10(str(root), split="test")).resolution == 32
     in64, _, _ = _imagenet64(tmp_path / "in64")
-    dm = ImageDataModule("imagenet64", path=str(in64), resolution=64, use_labels=False)
+    dm = ImageDataModule(ImageNet64(str(in64)), resolution=64, use_labels=False)
     assert (dm.channels, dm.label_dim) == (3, 0)
     dm.prepare_data()
     assert (in64 / "imagenet64_train_images.npy").is_file() and dm._full is None
-    dm = ImageDataModule("lsun", path=str(in64), resolution=16, batch_size=2)
-    assert (dm.channels, dm.label_dim) == (3, 0)
+    dm = ImageDataModule(LSUN(str(in64)), resolution=16, batch_size=2)
+    assert (dm.resolution, dm.channels, dm.label_dim) == (16, 3, 0)
+    assert ImageDataModule(LSUN(str(in64))).resolution == 256  # LSUN's default size
 
 
 def test_detect_dataset(tmp_path):
@@ -324,8 +332,8 @@ def test_fit_two_steps_on_cifar10(tmp_path):
             "--trainer.max_steps=2",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}",
-            "--data.init_args.dataset=cifar10",
-            f"--data.init_args.path={root}",
+            "--data.init_args.dataset=cm.data.CIFAR10",
+            f"--data.init_args.dataset.init_args.path={root}",
             "--data.init_args.resolution=32",
             "--data.init_args.batch_size=4",
             f"{net}.img_resolution=32",

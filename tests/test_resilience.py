@@ -182,7 +182,12 @@ class Snapshot(L.Callback):
 
 
 def tiny_fit(
-    steps: int, *callbacks: L.Callback, nonfinite: str = "skip", ckpt_path=None, **trainer
+    steps: int,
+    *callbacks: L.Callback,
+    nonfinite: str = "skip",
+    max_consecutive_skips: int = 10,
+    ckpt_path=None,
+    **trainer,
 ) -> None:
     """EDM steps of a tiny UNet on digits, in process."""
     from cm.ema import EMA
@@ -194,7 +199,11 @@ def tiny_fit(
     L.seed_everything(0)
     net = ADMUNet(8, 1, 1, 10, 16, (1,), 1, (), num_head_channels=16)
     module = DenoiserModule(
-        EDMPrecond(net), DenoisingScoreMatching(), ema=EMA(halflife_kimg=0.01), nonfinite=nonfinite
+        EDMPrecond(net),
+        DenoisingScoreMatching(),
+        ema=EMA(halflife_kimg=0.01),
+        nonfinite=nonfinite,
+        max_consecutive_skips=max_consecutive_skips,
     )
     options = dict(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -221,6 +230,18 @@ def test_nonfinite_skip_leaves_state_untouched_and_continues(where):
     after = poisoned.states[4]  # training went on, finite
     changed = [not torch.equal(v, after["weights"][k]) for k, v in skipped["weights"].items()]
     assert any(changed) and all(torch.isfinite(v).all() for v in after["weights"].values())
+
+
+def test_skip_streak_survives_a_resume(tmp_path):
+    """A resumed run keeps counting the streak: skips at steps 1 and 2 make 2 in a row."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    tiny_fit(2, Poison(1), checkpoint, max_consecutive_skips=2, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["nonfinite_skipped_steps"] == 1 and saved["nonfinite_skip_streaks"] == {0: 1}
+    with pytest.raises(ValueError, match="in 2 steps in a row"):
+        tiny_fit(3, Poison(2), max_consecutive_skips=2, ckpt_path=tmp_path / "last.ckpt")
 
 
 def test_nonfinite_stop_ends_the_cli_run_with_one_line(tmp_path, capsys):

@@ -299,6 +299,11 @@ SD_SCHEDULER = {
 @pytest.fixture
 def tiny_sd(tmp_path) -> Path:
     """A diffusers directory with a tiny random UNet2DConditionModel and AutoencoderKL."""
+    return write_tiny_sd(tmp_path)
+
+
+def write_tiny_sd(tmp_path: Path) -> Path:
+    """``tmp_path/sd``: a tiny random UNet2DConditionModel, AutoencoderKL and scheduler config."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(

@@ -1,4 +1,4 @@
-"""Text-to-image teachers from a captioned image folder: ImageDataModule(dataset="captions") with a
+"""Text-to-image teachers from a captioned image folder: ImageDataModule(cm.data.Captions) with a
 frozen text encoder, configs/edm_digits_text.yaml through cm fit, then sampling with a prompt."""
 
 import json
@@ -13,6 +13,7 @@ from test_text import TINY_CLIP, WIDTH
 
 from cm.cli import main
 from cm.cli import run as run_cli
+from cm.data import Captions
 from cm.data.captions import CAPTIONS_JSONL, write_digit_captions
 from cm.io import load_checkpoint
 from cm.networks.text import TextEncoder
@@ -32,18 +33,14 @@ def test_digit_caption_folder_and_datamodule(tmp_path, tiny_text):
         "text": "a handwritten digit seven",  # scikit-learn's digits 0..9 come in order first
     }
     enc = TextEncoder(TINY_CLIP, "random", max_length=8)
-    dm = ImageDataModule("captions", str(root), batch_size=6, text_encoder=enc)
+    dm = ImageDataModule(Captions(str(root), enc), batch_size=6)
     assert (dm.resolution, dm.channels, dm.label_dim, dm.context_dim) == (8, 1, 0, WIDTH)
     x, ctx = next(iter(dm.train_dataloader()))  # the StepStream, as for any ImageDataModule
     assert x.shape == (6, 1, 8, 8) and ctx.shape == (6, 8, WIDTH) and x.abs().max() <= 1
     torch.testing.assert_close(dm.contexts([7, 31]), enc(["a handwritten digit seven"] * 2))
     assert "text_encoder" not in dm.hparams
-    with pytest.raises(ValueError, match="go together"):
-        ImageDataModule("captions", str(root))
-    with pytest.raises(ValueError, match="go together"):
-        ImageDataModule("digits", text_encoder=enc)
-    with pytest.raises(ValueError, match="needs data.path"):
-        ImageDataModule("captions", text_encoder=enc)
+    with pytest.raises(ValueError, match="captioned dataset"):
+        ImageDataModule("digits").contexts([0])
 
 
 def test_text_teacher_fits_from_captions_and_samples_with_a_prompt(tmp_path, tiny_text):
@@ -65,9 +62,10 @@ def test_text_teacher_fits_from_captions_and_samples_with_a_prompt(tmp_path, tin
         "model": {"init_args": {"denoiser": {"init_args": {"net": {"init_args": net}}}}},
         "data": {
             "init_args": {
-                "path": str(root),
+                "dataset": {
+                    "init_args": {"path": str(root), "text_encoder": {"init_args": encoder}}
+                },
                 "batch_size": 8,
-                "text_encoder": {"init_args": encoder},
             }
         },
     }

@@ -189,7 +189,8 @@ def test_failed_fit_leaves_no_wandb_run(wandb_env):
         "fit", "--config", QUICKSTART, "--config", TINY, "--trainer.max_steps=1",
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger={logger}",
         f"--trainer.logger.init_args.save_dir={run_dir}",
-        "--data.init_args.dataset=folder", f"--data.init_args.path={data}",
+        "--data.init_args.dataset=cm.data.ImageFolder",
+        f"--data.init_args.dataset.init_args.path={data}",
         "--data.init_args.use_labels=false", "--data.init_args.batch_size=4",
         "--model.init_args.denoiser.init_args.net.init_args.label_dim=0",
     ]  # fmt: skip

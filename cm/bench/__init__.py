@@ -1,8 +1,7 @@
 """Benchmarks: ``cm bench solvers`` (error vs NFE), ``cm bench sample`` and ``cm bench train``.
 
-``solvers`` and ``sampling`` are Lightning-free; the training benchmark and the ``--config``
-loading of both speed benchmarks live in ``cm.training.bench`` (the Lightning layer), and
-``cm.cli`` dispatches the three subcommands.
+``solvers`` and ``sampling`` are Lightning-free library functions; the timed training step lives
+in ``cm.training.bench`` (the Lightning layer) and the three commands in ``cm.commands.bench``.
 """
 
 from cm.bench.report import (
@@ -20,8 +19,6 @@ from cm.bench.solvers import (
     SOLVERS,
     BenchSolver,
     CountingDenoiser,
-    bench_main,
-    bench_parser,
     bench_solvers,
     per_sample_rmse,
     solver_names,
@@ -32,8 +29,6 @@ __all__ = [
     "SOLVERS",
     "BenchSolver",
     "CountingDenoiser",
-    "bench_main",
-    "bench_parser",
     "bench_solvers",
     "markdown_rows",
     "markdown_table",

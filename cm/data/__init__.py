@@ -1,4 +1,4 @@
-"""Datasets of images in [-1, 1] with one-hot labels (see :mod:`cm.data.datasets`, :mod:`.real`)."""
+"""Datasets of images in [-1, 1]: config objects (:mod:`.sources`) building torch Datasets."""
 
 from cm.data.captions import (
     DIGIT_WORDS,
@@ -15,8 +15,26 @@ from cm.data.real import (
     load_cifar_batch,
     open_dataset,
 )
+from cm.data.sources import (
+    CIFAR10,
+    LSUN,
+    Captions,
+    DataSource,
+    Digits,
+    ImageFolder,
+    ImageNet64,
+    Mixture,
+)
 
 __all__ = [
+    "CIFAR10",
+    "LSUN",
+    "Captions",
+    "DataSource",
+    "Digits",
+    "ImageFolder",
+    "ImageNet64",
+    "Mixture",
     "DIGIT_WORDS",
     "CaptionFolderDataset",
     "CIFAR10Dataset",

@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import yaml
+from PIL import Image
 from torch import Tensor
 
-from cm.data.datasets import FolderDataset
+from cm.checkpoint import build
+from cm.data.datasets import DigitsDataset, FolderDataset
 from cm.errors import UserError
 
 CAPTIONS_JSONL = "captions.jsonl"
@@ -163,10 +166,6 @@ def write_digit_captions(root: str, num: int | None = None) -> Path:
         root: the folder to write (created).
         num: write only the first ``num`` digits (None: all 1797).
     """
-    from PIL import Image
-
-    from cm.data.datasets import DigitsDataset
-
     digits, out = DigitsDataset(8), Path(root)
     lines = []
     for i in range(len(digits) if num is None else min(num, len(digits))):
@@ -186,27 +185,28 @@ def prompt_contexts(config: str, prompt: str) -> Callable[[Sequence[int]], Tenso
 
     Args:
         config: a YAML/JSON file with the encoder's ``class_path``/``init_args``, or a training
-            config whose ``data.init_args.text_encoder`` is one (the teacher's own encoder).
+            config whose ``data.init_args.dataset.init_args.text_encoder`` is one (the
+            teacher's own encoder; ``data.init_args.text_encoder`` in older configs).
         prompt: one prompt for every image, or ``@FILE``: a ``.txt`` (one prompt per line) or
             ``.jsonl`` captions file.
     """
-    import yaml
-
-    from cm.io import build
-
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(
             f"Text encoder config '{config}' does not exist: give the training YAML (its "
-            "data.init_args.text_encoder) or a file with the encoder's class_path and init_args."
+            "data.init_args.dataset.init_args.text_encoder) or a file with the encoder's "
+            "class_path and init_args."
         )
     spec = yaml.safe_load(path.read_text())
     if isinstance(spec, dict) and "class_path" not in spec:
-        spec = ((spec.get("data") or {}).get("init_args") or {}).get("text_encoder")
+        data = (spec.get("data") or {}).get("init_args") or {}
+        dataset = data.get("dataset")
+        source = (dataset.get("init_args") or {}) if isinstance(dataset, dict) else data
+        spec = source.get("text_encoder")
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise UserError(
             f"'{config}' holds no text encoder: give a training config with "
-            "data.init_args.text_encoder or a class_path/init_args file."
+            "data.init_args.dataset.init_args.text_encoder or a class_path/init_args file."
         )
     encoder = build(spec)
     prompts = read_prompts(prompt[1:]) if prompt.startswith("@") else [prompt]

@@ -242,7 +242,7 @@ class ImageNet64Dataset(_ArrayImageDataset):
         except PermissionError:
             raise PermissionError(
                 f"Cannot write the ImageNet64 cache to '{images_file.parent}': set "
-                "data.init_args.cache_dir to a writable folder."
+                "data.init_args.dataset.init_args.cache_dir to a writable folder."
             ) from None
         return images_file, labels_file
 

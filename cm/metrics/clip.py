@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from cm.errors import UserError
-from cm.metrics.features import no_autocast
+from cm.metrics.autocast import no_autocast
 from cm.weights import load_open_clip
 
 # open_clip's defaults when neither the pretrained tag nor the model config names a normalization

@@ -6,7 +6,6 @@ the port of the TF graph used for published FID/IS/KID tables (Heusel et al. 201
 2016), with the TF1-compatible bilinear resize to 299x299 (``antialias=False``).
 """
 
-import contextlib
 import importlib
 from typing import Any
 
@@ -15,6 +14,8 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 from cm.errors import UserError
+from cm.metrics.autocast import no_autocast
+from cm.metrics.clip import ClipEncoder
 from cm.weights import REGISTRY, load_state_dict
 
 INCEPTION_FEATURES = 2048
@@ -48,11 +49,6 @@ def to_nchw_uint8(images: Tensor | Any, channels: int | None = 3) -> Tensor:
     if channels == 3 and x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # grayscale as RGB, as the Inception/CLIP inputs expect
     return x.contiguous()
-
-
-def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Full precision for the feature networks even inside a bf16/fp16 training step."""
-    return torch.autocast(device.type, enabled=False)
 
 
 class _WeightsHandedOver(Exception):
@@ -204,8 +200,6 @@ def build_extractor(
     if feature == "inception":
         return InceptionFeatures()
     if feature == "clip":
-        from cm.metrics.clip import ClipEncoder
-
         return ClipEncoder(clip_model, clip_pretrained)
     return ModuleFeatures(import_feature(feature))
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm.errors import UserError
+from cm.networks.adm import ADMUNet
+from cm.networks.ncsnpp import NCSNpp
 from cm.schedules import Schedule, schedule_sigmas
 
 AMEDBase = Literal["amed", "euler", "ipndm", "dpmpp"]
@@ -33,9 +35,6 @@ def bottleneck_module(denoiser: Any) -> nn.Module | None:
     ``ADMUNet``: the middle block (diff-sampler's choice for ADM models). Wrappers are followed
     through ``net``, ``denoiser`` and ``module`` (preconditioners, guidance, pretrained teachers).
     """
-    from cm.networks.adm import ADMUNet
-    from cm.networks.ncsnpp import NCSNpp
-
     obj = denoiser
     for _ in range(16):
         if isinstance(obj, NCSNpp):

@@ -39,9 +39,22 @@ class SampleDraws:
                 f"A local batch of {n} at offset {self.offset} does not fit in the global batch "
                 f"of {self.total}: every rank and micro-batch must have the same batch size."
             )
+        return self.total, {"device": device, "generator": self._generator(device)}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The step's generator on ``device``, seeded alike on every rank."""
         if device not in self._generators:
             self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self.total, {"device": device, "generator": self._generators[device]}
+        return self._generators[device]
+
+    def shared(self) -> torch.Generator | None:
+        """A CPU generator for draws over the step's whole batch, alike on every rank.
+
+        For choices that involve several samples at once (which rows of the global batch, a
+        partner row, one sample of the batch): every rank draws the same values and keeps what
+        concerns its rows ``[offset, offset + n)``. None when unset: the global RNG.
+        """
+        return None if self.seed is None else self._generator(torch.device("cpu"))
 
     def _slice(self, values: Tensor, n: int) -> Tensor:
         """The local ``n`` values of a global draw (all of them when unset)."""

@@ -90,7 +90,9 @@ def mix_and_match(
         z: the noise (unchanged; returned rows keep their own).
         labels: the labels (unchanged), or None.
         fraction: share of the fake rows to replace, in [0, 1].
-        generator: RNG for which rows and which shift.
+        generator: RNG for which rows and which shift; in training the step's shared
+            generator (``SampleDraws.shared``) over all ranks' rows, so the choice is a function
+            of the global sample index (``Diffusion2GANModule`` gathers the batch).
     """
     if not 0 <= fraction <= 1:
         raise UserError(f"mix_fraction must lie in [0, 1], got {fraction}.")
@@ -126,7 +128,7 @@ def swap_contexts(
         x_fake: the mix-and-matched fakes.
         labels: the text contexts ``[N, L, D]`` of the rows.
         mixed: boolean ``[N]``, the rows ``mix_and_match`` replaced.
-        generator: RNG for the shift.
+        generator: RNG for the shift (in training, as for ``mix_and_match``).
     """
     n = labels.shape[0]
     rows = mixed.nonzero().flatten()[::2]

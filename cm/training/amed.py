@@ -2,19 +2,18 @@
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from cm.io import image_spec
 from cm.networks.amed import AMEDPredictor
 from cm.objectives.amed import AMEDDistillation
 from cm.solvers.sampling import SeededNoise, seed_labels
+from cm.training.base import GuardedModule, Nonfinite
 
 
-class AMEDModule(L.LightningModule):
+class AMEDModule(GuardedModule):
     """Fit ``predictor`` so its solver matches a finer teacher, one optimizer step per interval.
 
     A batch is a batch of noise seeds (``cm.training.SeedDataModule``): the teacher trajectory is
@@ -31,6 +30,11 @@ class AMEDModule(L.LightningModule):
         optimizer: optimizer factory over the predictor's parameters (the paper: Adam, lr 5e-3).
         image_shape: ``[C, H, W]`` of the noise; default from the denoiser's network or oracle.
         label_dim: one-hot classes drawn as ``seed % label_dim``; default the network's (or 0).
+        nonfinite: an interval step with a NaN/Inf loss or gradient: ``"stop"`` ends the run with
+            a clear message, ``"skip"`` leaves the predictor and its optimizer state untouched
+            (the step still counts), warns and logs ``train/skipped_steps``.
+        max_consecutive_skips: under ``nonfinite="skip"``, end the run with an error once this
+            many interval steps in a row were skipped.
     """
 
     def __init__(
@@ -41,10 +45,10 @@ class AMEDModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         image_shape: Sequence[int] | None = None,
         label_dim: int | None = None,
+        nonfinite: Nonfinite = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
-        super().__init__()
-        if _given_hyperparameters.get() is not None:
-            self.save_hyperparameters()
+        super().__init__(nonfinite, max_consecutive_skips)
         self.automatic_optimization = False
         self.denoiser = denoiser.requires_grad_(False).eval()
         self.predictor = predictor
@@ -84,12 +88,13 @@ class AMEDModule(L.LightningModule):
                 )
                 optimizer.zero_grad()
                 self.manual_backward(loss.mean())
-                for p in self.predictor.parameters():  # as diff-sampler: no step on a NaN
-                    if p.grad is not None:
-                        torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                # diff-sampler zeroes NaN gradients; here the nonfinite policy decides, and a
+                # skipped step (gradients dropped) still counts but changes nothing.
+                self.finite_or_skip(loss.detach(), optimizer)
                 optimizer.step()
                 total += loss.mean().item()
                 self.log(f"train/loss_{n}", loss.mean(), batch_size=len(seeds))
                 self.log(f"train/r_{n}", r.mean(), batch_size=len(seeds))
                 x = target if forcing else x_next.detach()
         self.log("train/loss", total, prog_bar=True, batch_size=len(seeds))
+        self.log_skipped()

@@ -24,29 +24,29 @@ Lightning traps handled here: ``trainer.global_step`` counts every ``LightningOp
 the D step goes straight through the strategy (precision plugin included) so that
 ``global_step`` counts G iterations, and ``trainer.max_steps``, ``SampleGrid`` intervals and the
 data stream's resume position keep their ``DenoiserModule`` meaning. Lazy R1, EMA and the RNG
-use the module's own iteration counter (saved in checkpoints). Trainer-level gradient clipping
-is not allowed with manual optimization: use ``gradient_clip_val`` here. Under DDP G and D are
-wrapped together and each step leaves the other's parameters unused, so multi-GPU configs use
-``strategy: ddp_find_unused_parameters_true``. The teacher (a ``cm.io.PretrainedDenoiser``) only
+use the module's own iteration counter (saved in checkpoints). The D step's own draws (which
+rows are mix-and-matched, with which partner, and the R1 sample) are functions of the global
+sample index (``SampleDraws``, as every objective's): under DDP each rank sees the whole step's
+batch of reals, so ``world_size`` ranks train D as one process with the global batch.
+Trainer-level gradient clipping is not allowed with manual optimization: use
+``gradient_clip_val`` here. Under DDP G and D are wrapped together and each step leaves the
+other's parameters unused, so multi-GPU configs use ``strategy:
+ddp_find_unused_parameters_true``. The teacher (a ``cm.io.PretrainedDenoiser``) only
 initialises G and D and is never stored.
 """
 
-import copy
 import os
 from collections.abc import Sequence
-from typing import Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm.data.stream import step_seed
 from cm.ema import EMA
 from cm.errors import UserError
-from cm.objectives.base import copy_net_weights
+from cm.objectives.base import SampleDraws, copy_net_weights
 from cm.objectives.diffusion2gan import (
     discriminator_gan_loss,
     generator_gan_loss,
@@ -56,10 +56,10 @@ from cm.objectives.diffusion2gan import (
     swap_contexts,
 )
 from cm.solvers.sampling import Sampler
-from cm.training.module import DenoiserModule, check_max_skips, finite_or_skip, warn_skipped
+from cm.training.base import GenerativeModule, Nonfinite
 
 
-class Diffusion2GANModule(L.LightningModule):
+class Diffusion2GANModule(GenerativeModule):
     """Diffusion2GAN training (Kang et al. 2024, Sec. 3-4): regression + conditional GAN.
 
     Args:
@@ -110,16 +110,9 @@ class Diffusion2GANModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         ema: EMA | None = None,
         sampler: Sampler | None = None,
-        nonfinite: Literal["skip", "stop"] = "stop",
+        nonfinite: Nonfinite = "stop",
         max_consecutive_skips: int = 10,
     ) -> None:
-        super().__init__()
-        check_max_skips(max_consecutive_skips)
-        # As DenoiserModule: under the CLI the YAML config becomes the hparams (cm sample and
-        # load_checkpoint rebuild the denoiser from it); built in Python nothing is pickled.
-        if _given_hyperparameters.get() is not None:
-            self.save_hyperparameters()
-        self.automatic_optimization = False
         if lambda_gan < 0 or r1_gamma < 0 or r1_interval < 0 or gan_start < 0:
             raise UserError("lambda_gan, r1_gamma, r1_interval and gan_start must be >= 0.")
         if not 0 <= mix_fraction <= 1:
@@ -130,7 +123,9 @@ class Diffusion2GANModule(L.LightningModule):
             copy_net_weights(denoiser, init_generator if init_generator is not None else teacher)
         if teacher is not None and discriminator is not None:
             discriminator.init_from(teacher)
-        self.denoiser = denoiser
+        # G is initialised above, before the base copies it into the EMA.
+        super().__init__(denoiser, ema, sampler, nonfinite, max_consecutive_skips)
+        self.automatic_optimization = False
         self.distance = distance
         # Without the GAN term the discriminator would never be used: keep it out entirely.
         self.discriminator = discriminator if lambda_gan > 0 else None
@@ -138,23 +133,8 @@ class Diffusion2GANModule(L.LightningModule):
         self.lambda_gan, self.r1_gamma, self.r1_interval = lambda_gan, r1_gamma, r1_interval
         self.mix_fraction, self.gan_start = mix_fraction, gan_start
         self.gradient_clip_val = gradient_clip_val
-        self.nonfinite, self.skipped_steps = nonfinite, 0
-        self.max_consecutive_skips, self.skip_streaks = max_consecutive_skips, {}
-        self.ema = ema
-        self.ema_denoiser = None
-        if ema is not None:
-            self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
-        self.sampler = sampler if sampler is not None else Sampler()
         self.iteration = 0
-
-    # Sampling, shapes and data checks are DenoiserModule's (same attribute names).
-    eval_denoiser = DenoiserModule.eval_denoiser
-    net = DenoiserModule.net
-    image_shape = DenoiserModule.image_shape
-    label_dim = DenoiserModule.label_dim
-    setup = DenoiserModule.setup
-    predict_step = DenoiserModule.predict_step
-    generate = DenoiserModule.generate  # text prompts and VAE decoding included
+        self.draws = SampleDraws()  # D's mix-and-match rows and R1 sample (global sample index)
 
     @property
     def sigma_max(self) -> float:
@@ -175,7 +155,7 @@ class Diffusion2GANModule(L.LightningModule):
         """
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        finite = finite_or_skip(self, loss.detach(), optimizer)
+        finite = self.finite_or_skip(loss.detach(), optimizer)
         if finite and self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
         if count:
@@ -201,25 +181,50 @@ class Diffusion2GANModule(L.LightningModule):
     def discriminator_loss(
         self, z: Tensor, x: Tensor, x_hat: Tensor, labels: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """D's GAN loss on real vs. mix-and-matched fakes, and lazy single-sample R1 (Sec. 4.2)."""
-        D = self.discriminator
-        fake, mixed = mix_and_match(x, x_hat.detach(), z, labels, self.mix_fraction)
-        fake_labels = labels
-        if labels is not None and labels.ndim == 3:
-            fake, fake_labels = swap_contexts(x, fake, labels, mixed)
+        """D's GAN loss on real vs. mix-and-matched fakes, and lazy single-sample R1 (Sec. 4.2).
+
+        Mix-and-match and R1 draw over the step's whole batch (all ranks' rows, gathered) from
+        ``self.draws``' shared generator, and each rank keeps its rows: the fakes, their partners
+        and the R1 sample are those of one process with the global batch. The rank holding the R1
+        sample weighs it by ``world_size``, so the ranks' averaged gradient carries it once.
+        """
+        D, n, gather = self.discriminator, x.shape[0], self._whole_batch
+        generator = self.draws.shared()
+        x_all, labels_all = gather(x), gather(labels) if labels is not None else None
+        fake, mixed = mix_and_match(
+            x_all, gather(x_hat.detach()), gather(z), labels_all, self.mix_fraction, generator
+        )
+        fake_labels = labels_all
+        if labels_all is not None and labels_all.ndim == 3:
+            fake, fake_labels = swap_contexts(x_all, fake, labels_all, mixed, generator)
+        mine = slice(self.draws.offset, self.draws.offset + n)
+        fake = fake[mine]
+        fake_labels = fake_labels[mine] if fake_labels is not None else None
         real_logits, fake_logits = D(x, z, labels), D(fake, z, fake_labels)
         loss = discriminator_gan_loss(real_logits, fake_logits).mean()
         r1 = torch.zeros((), device=z.device)
         if self.r1_gamma > 0 and is_lazy_step(self.iteration, self.r1_interval):
-            index = int(torch.randint(x.shape[0], ()))
-            # Lazy: the penalty applied every r1_interval steps carries r1_interval times its
-            # weight, so its average strength matches R1 on every step (StyleGAN2, Sec. 3.1).
-            # R1 differentiates a gradient: fused attention kernels (flash, memory-efficient;
-            # e.g. diffusers' SDPA processor) have no double backward, the math kernel has.
-            with sdpa_kernel(SDPBackend.MATH):
-                r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index) * self.r1_interval
+            index = int(torch.randint(x_all.shape[0], (), generator=generator)) - mine.start
+            if 0 <= index < n:
+                # Lazy: the penalty applied every r1_interval steps carries r1_interval times its
+                # weight, so its average strength matches R1 on every step (StyleGAN2, Sec. 3.1).
+                # R1 differentiates a gradient: fused attention kernels (flash, memory-efficient;
+                # e.g. diffusers' SDPA processor) have no double backward, the math kernel has.
+                with sdpa_kernel(SDPBackend.MATH):
+                    r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index)
+                r1 = r1 * (self.r1_interval * self._world_size())
         score = torch.stack([m.mean() for m in real_logits]).mean().detach()
         return loss, r1, score
+
+    def _world_size(self) -> int:
+        """The trainer's world size (1 outside a trainer)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _whole_batch(self, t: Tensor) -> Tensor:
+        """All ranks' rows of ``t`` in global order (rank ``r``'s from ``r * n``)."""
+        if self._world_size() == 1:
+            return t
+        return self.all_gather(t).flatten(0, 1)
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         """One G step, then one D step (when there is a discriminator), on ``(z, x, c)`` pairs."""
@@ -241,27 +246,29 @@ class Diffusion2GANModule(L.LightningModule):
             logs["train/d_real"] = score
             if is_lazy_step(self.iteration, self.r1_interval):
                 logs["train/r1"] = r1.detach()
-        if self.nonfinite == "skip":
-            logs["train/skipped_steps"] = float(self.skipped_steps)
+        self.log_skipped()
         self.log("train/loss", logs.pop("train/loss"), prog_bar=True)
         self.log_dict(logs)
         self.iteration += 1
 
     def on_train_batch_start(self, batch: Sequence[Tensor], batch_idx: int) -> None:
-        """Seed the global RNG from ``(run seed, iteration, rank)`` (as ``DenoiserModule``)."""
+        """Key D's draws to the global sample index; seed dropout from ``(seed, iteration, rank)``.
+
+        As ``DenoiserModule``: the draws' seed ``(run seed, iteration)`` is shared by all ranks,
+        rank ``r`` holding rows ``[r * n, (r + 1) * n)`` of the step's batch; network dropout
+        stays per rank (global RNG). The trailing 1 and 2 keep the streams apart.
+        """
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(step_seed(seed, self.iteration, self.global_rank, 1))
-
-    def on_train_end(self) -> None:
-        """Say on the console how many steps ``nonfinite="skip"`` dropped in this run."""
-        warn_skipped(self)
+        n, world = len(batch[0]), self.trainer.world_size
+        self.draws.set(step_seed(seed, self.iteration, 2), self.global_rank * n, n * world)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the iteration counter (lazy R1, EMA, warm-up and RNG depend on it)."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["diffusion2gan_iteration"] = self.iteration
-        checkpoint["nonfinite_skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the iteration counter."""
+        super().on_load_checkpoint(checkpoint)
         self.iteration = int(checkpoint.get("diffusion2gan_iteration", 0))
-        self.skipped_steps = int(checkpoint.get("nonfinite_skipped_steps", 0))

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cm.errors import UserError
 from cm.networks.latent_vgg import LatentVGG16BN
 from cm.objectives.elatentlpips import ELatentLPIPS, load_trunk
+from cm.training.base import ConfiguredModule
 
 
 class NpyFields(Dataset):
@@ -96,7 +96,7 @@ class LatentFieldsDataModule(L.LightningDataModule):
         return self._loader(self.val, False) if self.val else []
 
 
-class LatentVGGClassifier(L.LightningModule):
+class LatentVGGClassifier(ConfiguredModule):
     """Kang et al. 2024, Sec. 3.2: pre-train ``LatentVGG16BN`` to classify ImageNet latents.
 
     Cross-entropy on the VAE latents of ImageNet images, with a random x-flip of the latent (the
@@ -117,8 +117,6 @@ class LatentVGGClassifier(L.LightningModule):
         flip: bool = True,
     ) -> None:
         super().__init__()
-        if _given_hyperparameters.get() is not None:
-            self.save_hyperparameters()
         if not net.num_classes:
             raise UserError("LatentVGGClassifier needs a classifier: set net num_classes: 1000.")
         self.net, self.flip = net, flip
@@ -167,7 +165,7 @@ class RankNet(nn.Module):
         return self.net(h[..., None, None]).flatten()
 
 
-class ELatentLPIPSCalibration(L.LightningModule):
+class ELatentLPIPSCalibration(ConfiguredModule):
     """Kang et al. 2024, Sec. 3.2 (as Zhang et al. 2018, Sec. 3): fit the 1x1 heads on 2AFC.
 
     The trunk stays frozen; the heads and a small ranking network ``G`` learn
@@ -194,8 +192,6 @@ class ELatentLPIPSCalibration(L.LightningModule):
         rank_hidden: int = 32,
     ) -> None:
         super().__init__()
-        if _given_hyperparameters.get() is not None:
-            self.save_hyperparameters()
         self.metric, self.rank = metric, RankNet(rank_hidden)
         if trunk is not None:
             load_trunk(metric.trunk, trunk, trunk_format)

@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from cm.errors import UserError
-from cm.io import to_uint8
+from cm.metrics import MetricSuite
+from cm.sample_files import to_uint8
 from cm.solvers.sampling import Sampler
 
 MetricName = Literal["fid", "is", "kid", "precision", "recall", "clip_score"]
@@ -77,8 +78,6 @@ class GenerativeMetrics(L.Callback):
         kid_subset_size: int = 1000,
         pr_k: int = 3,
     ) -> None:
-        from cm.metrics import MetricSuite
-
         if num < 2:
             raise UserError(f"GenerativeMetrics needs num >= 2 samples, got {num}.")
         self.num, self.every_n_steps, self.seed = num, every_n_steps, seed

@@ -1,26 +1,24 @@
 """``DenoiserModule``: one LightningModule for every single-optimizer regime (EDM, CT, iCT, ...)."""
 
-import copy
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cm.data.stream import step_seed
 from cm.ema import EMA
 from cm.errors import UserError
-from cm.io import image_spec
 from cm.objectives.base import Objective
-from cm.solvers.sampling import Sampler, generate_text_or_latent
+from cm.solvers.sampling import Sampler
+from cm.training.base import GenerativeModule, Nonfinite, NonFiniteStepWarning, all_finite
+
+# NonFiniteStepWarning and all_finite moved to cm.training.base; importable here as before.
+__all__ = ["DenoiserModule", "NonFiniteStepWarning", "all_finite"]
 
 
-class DenoiserModule(L.LightningModule):
+class DenoiserModule(GenerativeModule):
     """Train a denoiser ``D(x, sigma, labels)`` with an objective; sample with its EMA copy.
 
     The evaluation EMA covers the denoiser alone (never teachers or metric networks) and lives in
@@ -51,69 +49,16 @@ class DenoiserModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         ema: EMA | None = None,
         sampler: Sampler | None = None,
-        nonfinite: Literal["skip", "stop"] = "stop",
+        nonfinite: Nonfinite = "stop",
         max_consecutive_skips: int = 10,
     ) -> None:
-        super().__init__()
-        check_max_skips(max_consecutive_skips)
-        # Under the CLI Lightning hands us the YAML config (class_path/init_args) as hparams and
-        # `load_from_checkpoint`/`cm sample` rebuild from it; built in Python, the arguments are
-        # objects, which must not be pickled into checkpoints (they are read weights_only).
-        if _given_hyperparameters.get() is not None:
-            self.save_hyperparameters()
-        self.denoiser = denoiser
+        # Before the base copies the denoiser into the EMA: binding may initialise it (CD and PD
+        # start the student from the teacher) and creates the target network from it.
+        objective.bind(denoiser)
+        super().__init__(denoiser, ema, sampler, nonfinite, max_consecutive_skips)
         self.objective = objective
-        self.objective.bind(denoiser)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.ema = ema
-        self.ema_denoiser = None
-        if ema is not None:
-            self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
-        self.sampler = sampler if sampler is not None else Sampler()
         self._batch_size = 0
-        self.nonfinite, self.skipped_steps = nonfinite, 0
-        self.max_consecutive_skips, self.skip_streaks = max_consecutive_skips, {}
-
-    @property
-    def eval_denoiser(self) -> nn.Module:
-        """The denoiser used for sampling: the EMA copy when there is one."""
-        return self.ema_denoiser if self.ema_denoiser is not None else self.denoiser
-
-    @property
-    def net(self) -> nn.Module:
-        """The raw network behind the preconditioner (or the denoiser itself)."""
-        return getattr(self.denoiser, "net", self.denoiser)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of generated images, from the data when attached, else the network."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "resolution"):
-            return (dm.channels, dm.resolution, dm.resolution)
-        return image_spec(self.denoiser)[0]
-
-    @property
-    def label_dim(self) -> int:
-        """Number of classes the denoiser is conditioned on (0: unconditional)."""
-        return int(getattr(self.net, "label_dim", 0))
-
-    def setup(self, stage: str) -> None:
-        """Check that data and network agree on resolution, channels and labels."""
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "resolution"):
-            return
-        checks = [
-            ("resolution", dm.resolution, getattr(self.net, "img_resolution", dm.resolution)),
-            ("channels", dm.channels, getattr(self.net, "in_channels", dm.channels)),
-            ("label_dim", dm.label_dim, getattr(self.net, "label_dim", dm.label_dim)),
-        ]
-        for name, data_value, net_value in checks:
-            if data_value != net_value:
-                raise UserError(
-                    f"The data has {name} {data_value} but the network has {name} {net_value}: "
-                    f"set model.init_args.denoiser.init_args.net.init_args.{_NET_KEYS[name]} to "
-                    f"{data_value}{_DATA_KEYS[name]}."
-                )
 
     def configure_optimizers(self):  # noqa: D102 - Lightning hook
         optimizer = self.optimizer_factory(self.denoiser.parameters())
@@ -185,9 +130,8 @@ class DenoiserModule(L.LightningModule):
         """
         step = self.global_step
         loss = optimizer_closure()
-        finite = finite_or_skip(self, loss, optimizer)
-        if self.nonfinite == "skip":
-            self.log("train/skipped_steps", float(self.skipped_steps))
+        finite = self.finite_or_skip(loss, optimizer)
+        self.log_skipped()
         if not finite:
             return
         # The closure already ran: the optimizer gets its result (clipping and the precision
@@ -197,65 +141,6 @@ class DenoiserModule(L.LightningModule):
         if self.ema is not None:
             batch = self._batch_size * self.trainer.accumulate_grad_batches
             self.ema.update(self.ema_denoiser, self.denoiser, step, batch)
-
-    def on_train_end(self) -> None:
-        """Say on the console how many steps ``nonfinite="skip"`` dropped in this run."""
-        warn_skipped(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the skipped-step counter across resumes."""
-        checkpoint["nonfinite_skipped_steps"] = self.skipped_steps
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the skipped-step counter (0 for checkpoints written before it existed)."""
-        self.skipped_steps = int(checkpoint.get("nonfinite_skipped_steps", 0))
-
-    @torch.no_grad()
-    def generate(
-        self,
-        seeds: Sequence[int],
-        class_label: int | None = None,
-        sampler: Sampler | None = None,
-        batch_size: int = 256,
-    ) -> tuple[Tensor, Tensor | None]:
-        """EMA-denoiser images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic), classes.
-
-        A text model (``context_dim > 0``) takes seed ``s``'s prompt from the attached data module
-        (``contexts``: ``ImageDataModule`` with captions, ``PairDataModule`` of text pairs); a
-        latent model (one with ``decode``, e.g. ``StableDiffusionDenoiser``) is decoded into
-        pixels by its VAE. Both return no class labels.
-        """
-        denoiser = self.eval_denoiser
-        was_training = denoiser.training
-        denoiser.eval()
-        sampler = sampler or self.sampler
-        if hasattr(denoiser, "decode") or getattr(self.net, "context_dim", 0):
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            contexts = getattr(dm, "contexts", None)
-            out = (
-                generate_text_or_latent(
-                    sampler, denoiser, seeds, self.image_shape, contexts, batch_size, self.device
-                ),
-                None,
-            )
-        else:
-            out = sampler.generate(
-                denoiser,
-                seeds,
-                self.image_shape,
-                self.label_dim,
-                class_label,
-                batch_size,
-                self.device,
-            )
-        denoiser.train(was_training)
-        return out
-
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Generate uint8 NHWC images for a batch of integer seeds."""
-        from cm.io import to_uint8
-
-        return to_uint8(self.generate(batch.tolist())[0])
 
     def on_train_batch_start(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         """Key the objective's draws to the global sample index; seed dropout per rank.
@@ -278,90 +163,3 @@ class DenoiserModule(L.LightningModule):
         offset = (micro_index * world + trainer.global_rank) * n
         total = n * world * accumulate
         self.objective.draws.set(step_seed(seed, trainer.global_step, 2), offset, total)
-
-
-def all_finite(trainer: L.Trainer, loss: Tensor | None, optimizer) -> bool:
-    """Whether ``loss`` and the gradients of ``optimizer``'s parameters are finite on every rank.
-
-    One all-reduced flag, so all ranks take the same decision. Under a 16-bit ``GradScaler`` the
-    scaler owns this decision (it skips the step and lowers the scale): True.
-    """
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        return True
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    finite = loss is None or bool(torch.isfinite(loss).all())
-    if finite and grads:
-        finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-    return trainer.strategy.reduce_boolean_decision(finite, all=True)
-
-
-def finite_or_skip(module: L.LightningModule, loss: Tensor | None, optimizer) -> bool:
-    """Whether to step ``optimizer``: its loss and gradients are finite on every rank.
-
-    Otherwise the module's ``nonfinite`` policy applies: ``"stop"`` raises one clear error,
-    ``"skip"`` drops the gradients (an optimizer step then changes no parameter or moment) and
-    counts the step in ``module.skipped_steps``.
-
-    The skip is reported on the console (rank zero) with the step and the count, and
-    ``module.max_consecutive_skips`` skips in a row of one optimizer end the run with an error.
-    """
-    streak = id(getattr(optimizer, "optimizer", optimizer))  # G and D keep separate streaks
-    if all_finite(module.trainer, loss, optimizer):
-        module.skip_streaks[streak] = 0
-        return True
-    optimizer.zero_grad(set_to_none=True)
-    module.skipped_steps += 1
-    step = module.global_step
-    if module.nonfinite == "stop":
-        raise UserError(
-            f"Non-finite loss or gradients at step {step}: the run diverged; lower "
-            "the learning rate, or set model.init_args.nonfinite=skip to skip such steps."
-        )
-    module.skip_streaks[streak] = run = module.skip_streaks.get(streak, 0) + 1
-    limit = module.max_consecutive_skips
-    if run >= limit:
-        raise UserError(
-            f"Non-finite loss or gradients in {run} steps in a row (up to step {step}; "
-            f"model.init_args.max_consecutive_skips={limit}): the run diverged and skipping "
-            "cannot recover it; lower the learning rate or resume from an earlier checkpoint."
-        )
-    rank_zero_warn(
-        f"Step {step}: non-finite loss or gradients, step skipped (nonfinite=skip; "
-        f"{module.skipped_steps} skipped in all, {run} in a row, the run stops at {limit}).",
-        category=NonFiniteStepWarning,
-    )
-    return False
-
-
-class NonFiniteStepWarning(UserWarning):
-    """A training step was skipped for a NaN/Inf loss or gradient (``nonfinite="skip"``)."""
-
-
-def check_max_skips(max_consecutive_skips: int) -> None:
-    """Refuse a ``max_consecutive_skips`` below 1 (it would stop at the first skip, or never)."""
-    if max_consecutive_skips < 1:
-        raise UserError(
-            f"model.init_args.max_consecutive_skips must be at least 1, got "
-            f"{max_consecutive_skips}: use nonfinite=stop to stop at the first non-finite step."
-        )
-
-
-def warn_skipped(module: L.LightningModule) -> None:
-    """After training: how many of the run's steps ``nonfinite="skip"`` dropped (rank zero)."""
-    if module.skipped_steps:
-        rank_zero_warn(
-            f"{module.skipped_steps} optimizer step(s) in {module.global_step} training steps "
-            "were skipped for non-finite loss or gradients (nonfinite=skip): check the run "
-            "before using it.",
-            category=NonFiniteStepWarning,
-        )
-
-
-_NET_KEYS = {"resolution": "img_resolution", "channels": "in_channels", "label_dim": "label_dim"}
-# What changes the data's side of each check (ImageDataModule has no label_dim option: labels
-# come from the dataset, and use_labels=false drops them).
-_DATA_KEYS = {
-    "resolution": " or data.init_args.resolution to match",
-    "channels": " (and out_channels; a folder's channels are its images')",
-    "label_dim": ", or data.init_args.use_labels to false for an unconditional model",
-}

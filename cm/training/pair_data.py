@@ -15,10 +15,10 @@ import lightning as L
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cm.errors import UserError
-from cm.training.datamodule import ImageDataModule
+from cm.training.datamodule import step_loader
 from cm.training.pairs import INDEX
 
 
@@ -176,6 +176,7 @@ class PairDataModule(L.LightningDataModule):
         n = len(self.train_set)
         return self.text_encoder([self.train_set.caption(int(s) % n) for s in seeds])
 
-    # The same resumable, rank-aware StepStream as ImageDataModule (it reads only batch_size,
-    # seed, num_workers, train_set and the trainer), so pairs and images are batched alike.
-    train_dataloader = ImageDataModule.train_dataloader
+    def train_dataloader(self) -> DataLoader:
+        """An endless, resumable stream of this rank's micro-batches, as ``ImageDataModule``'s."""
+        self.setup("fit")
+        return step_loader(self, self.train_set)

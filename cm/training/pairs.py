@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cm.data.captions import read_prompts
 from cm.errors import UserError
-from cm.io import atomic_path
+from cm.files import atomic_path
+from cm.guidance import cfg
 from cm.solvers.sampling import Sampler, SeededNoise, seed_labels
 
 INDEX = "index.json"
@@ -155,8 +156,6 @@ class PairGenerator(L.LightningModule):
         """The teacher, wrapped in classifier-free guidance when ``cfg_scale`` is set."""
         if self.cfg_scale is None:
             return self.teacher
-        from cm.guidance import cfg
-
         uncond = None  # all-zero labels
         if self.prompts is not None and self.uncond_caption is not None:
             uncond = self._encode([self.uncond_caption])[0]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cm.data.stream import StepStream
 from cm.errors import UserError
+from cm.sample_files import save_npz
 
 
 class SeedDataModule(L.LightningDataModule):
@@ -116,8 +117,6 @@ class NpzWriter(BasePredictionWriter):
         self.out = out
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:  # noqa: D102
-        from cm.io import save_npz
-
         out = Path(self.out)
         if trainer.world_size > 1:
             out = out.with_suffix(f".rank{trainer.global_rank}.npz")

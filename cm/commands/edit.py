@@ -14,28 +14,37 @@ from typing import Literal
 import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
+from tqdm import tqdm
 
-from cm.editing.loop import edit, interpolation_alphas, slerp, start
-from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes, half_mask
-from cm.errors import UserError
-from cm.files import add_overwrite_argument, check_output_dir
-from cm.io import (
-    Format,
-    atomic_path,
-    image_spec,
-    load_denoiser,
+from cm.checkpoint import load_denoiser
+from cm.commands.options import (
+    add_device_argument,
+    add_overwrite_argument,
+    add_seed_argument,
+    add_trust_option,
     resolve_device,
-    save_grid,
-    to_uint8,
 )
-from cm.sample import _import_solver, _sampler_from
+from cm.convert import Format
+from cm.editing.images import (
+    MASKS,
+    check_images,
+    list_images,
+    read_image,
+    read_mask,
+    write_grid,
+    write_png,
+)
+from cm.editing.loop import edit, interpolation_alphas, slerp, start
+from cm.editing.operators import Colorize, Inpaint, Operator, SuperRes
+from cm.errors import UserError
+from cm.files import check_output_dir
+from cm.protocols import image_spec
+from cm.sample import import_solver, sampler_from
+from cm.sample_files import to_uint8
 from cm.solvers.consistency import multistep, onestep
 from cm.solvers.sampling import SeededNoise
-from cm.trust import add_trust_option
 
 Task = Literal["inpaint", "colorize", "superres", "sdedit", "denoise", "interpolate"]
-SUFFIXES = (".png", ".jpg", ".jpeg")
-MASKS = ("left", "right", "top", "bottom", "center")
 
 
 def edit_parser() -> ArgumentParser:
@@ -90,9 +99,9 @@ def edit_parser() -> ArgumentParser:
         default=None,
         help="Class for a class-conditional model (default: all classes equally, 1/L each).",
     )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the first image (one per image).")
+    add_seed_argument(p, "Seed of the first image (one per image).")
     p.add_argument("--batch_size", type=int, default=64, help="Images per batch.")
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    add_device_argument(p)
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights when present.")
     p.add_argument("--format", type=Format, default="auto", help="Checkpoint layout (cm sample).")
     p.add_argument("--denoiser", type=str | None, default=None, help="Architecture YAML (foreign).")
@@ -105,74 +114,6 @@ def edit_parser() -> ArgumentParser:
     add_overwrite_argument(p)
     add_trust_option(p)
     return p
-
-
-def list_images(path: str | Path) -> list[Path]:
-    """An image file, or every PNG/JPEG in a folder (sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"No .png/.jpg images in '{path}': put the inputs there.")
-        return files
-    if not path.is_file():
-        raise FileNotFoundError(f"Input '{path}' does not exist: pass an image or a folder.")
-    return [path]
-
-
-def read_image(path: Path, channels: int, sizes: Sequence[int]) -> Tensor:
-    """One image as ``[channels, H, W]`` in [-1, 1]; gray and RGB are converted, never resized."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        check_size(path, im.size, sizes)
-        im = im.convert("L" if channels == 1 else "RGB")
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    x = x.reshape(im.size[1], im.size[0], channels).permute(2, 0, 1)
-    return x.to(torch.float32) / 127.5 - 1
-
-
-def check_size(path: Path, size: tuple[int, int], sizes: Sequence[int]) -> None:
-    """Raise if an image of ``size = (W, H)`` is not square with a side in ``sizes``."""
-    if size[0] != size[1] or size[0] not in sizes:
-        want = " or ".join(f"{s}x{s}" for s in sizes)
-        raise UserError(f"'{path}' is {size[0]}x{size[1]}; the model needs {want} (resize it).")
-
-
-def check_images(files: Sequence[Path], sizes: Sequence[int]) -> None:
-    """Check every input's size before anything is written (PIL reads only the headers)."""
-    from PIL import Image
-
-    for f in files:
-        with Image.open(f) as im:
-            check_size(f, im.size, sizes)
-
-
-def read_mask(mask: str | None, resolution: int) -> Tensor:
-    """``Omega [H, W]`` (1 = fill) from a named region or a PNG (white = fill)."""
-    if mask is None:
-        raise UserError(f"inpaint needs --mask: a PNG (white = fill) or one of {MASKS}.")
-    if mask in MASKS:
-        return half_mask(mask, resolution)
-    if not Path(mask).is_file():
-        raise FileNotFoundError(f"Mask '{mask}' does not exist: pass a PNG or one of {MASKS}.")
-    omega = read_image(Path(mask), 1, [resolution])[0] > 0  # >= 128 of 255
-    return omega.to(torch.float32)
-
-
-def write_png(image: Tensor, path: Path) -> None:
-    """Write a uint8 ``[H, W, C]`` image atomically (temp file, then ``os.replace``)."""
-    from PIL import Image
-
-    a = image.numpy()
-    with atomic_path(path) as tmp:
-        image = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-
-
-def write_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """``cm.io.save_grid`` written atomically."""
-    save_grid(images, path, nrow=nrow)
 
 
 def task_operator(cfg, resolution: int) -> Operator | None:
@@ -190,10 +131,8 @@ def task_operator(cfg, resolution: int) -> Operator | None:
             return None
 
 
-def edit_main(args: Sequence[str]) -> Path:
+def main(args: Sequence[str]) -> Path:
     """``cm edit``: Song et al. 2023, Alg. 4 on images from disk; returns the output folder."""
-    from tqdm import tqdm
-
     cfg = edit_parser().parse_args(list(args))
     device = resolve_device(cfg.device)
     files = [] if cfg.task == "interpolate" else list_images(_required(cfg.input, cfg.task))
@@ -207,8 +146,8 @@ def edit_main(args: Sequence[str]) -> Path:
         raise UserError(f"colorize needs a 3-channel (RGB) model; this one has {channels}.")
     operator = task_operator(cfg, resolution)
 
-    sampler = _sampler_from(hparams.get("sampler"))
-    solver = _import_solver(cfg.solver, cfg.trust_config) if cfg.solver else sampler.solver
+    sampler = sampler_from(hparams.get("sampler"))
+    solver = import_solver(cfg.solver, cfg.trust_config) if cfg.solver else sampler.solver
     solver = multistep if solver is onestep else solver  # Alg. 4 re-noises between steps
     if cfg.steps is not None:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
@@ -319,3 +258,6 @@ def _interpolate(cfg, denoiser, sigmas, shape, labels_for, out, device, kwargs) 
     for i, image in enumerate(images):
         write_png(image, out / f"interp_{i:03d}.png")
     write_grid(images, out / "interpolation.png", nrow=len(images))
+
+
+edit_main = main  # the name cm.editing.cli had

@@ -1,0 +1,1 @@
+"""``cm bench solvers|train|sample``: one module per benchmark (``cm.cli`` lists and runs them)."""
