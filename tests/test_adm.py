@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import n_params, one_hot
 from torch import nn
 
 from cm.networks import ADMUNet
@@ -37,10 +37,6 @@ TINY = dict(
 )
 
 
-def n_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 def perturb_zero_init(net: nn.Module) -> nn.Module:
     """Give the zero-initialised layers random weights, so every path contributes."""
     torch.manual_seed(1)
@@ -49,10 +45,6 @@ def perturb_zero_init(net: nn.Module) -> nn.Module:
             if not p.any():
                 p.normal_(0.0, 0.05)
     return net
-
-
-def one_hot(y: torch.Tensor, n: int) -> torch.Tensor:
-    return F.one_hot(y, n).float()
 
 
 def test_imagenet64_cm_param_count():

@@ -3,16 +3,16 @@
 import copy
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import amed_yaml, cpu_trainer, fit, last_ckpt, tiny_adm, tiny_ncsnpp
 
 from cm.bench import CountingDenoiser
 from cm.cli import main, run
 from cm.io import load_predictor
-from cm.networks import ADMUNet, AMEDPredictor, NCSNpp
+from cm.networks import AMEDPredictor
 from cm.objectives import AMEDDistillation
 from cm.oracle import GaussianMixture, RandomGaussianMixture
 from cm.precond import EDMPrecond
@@ -20,7 +20,6 @@ from cm.solvers import amed, amed_plugin, dpm2, dpmpp_3m, euler, heun, ipndm
 from cm.solvers.amed import positive_grid
 
 F64 = torch.float64
-CONFIG = str(Path(__file__).parents[1] / "configs" / "amed_mixture.yaml")
 
 
 class FixedPredictor:
@@ -126,16 +125,7 @@ def test_gaussian_data_converges():
 
 def tiny_edm(label_dim: int = 0) -> EDMPrecond:
     torch.manual_seed(0)
-    net = NCSNpp(
-        img_resolution=8,
-        in_channels=1,
-        out_channels=1,
-        label_dim=label_dim,
-        model_channels=16,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[],
-    )
+    net = tiny_ncsnpp(label_dim=label_dim, attn_resolutions=[])
     return EDMPrecond(net, sigma_data=0.5).eval()
 
 
@@ -155,17 +145,7 @@ def test_bottleneck_hook_through_wrappers(tmp_path):
     assert seen[0].abs().sum() == 0 and seen[1].shape == (2, 64) and seen[1].abs().sum() > 0
     with pytest.raises(ValueError, match="trained on bottleneck features"):
         amed_plugin(mixture(), torch.randn(2, 1, 2, 2), p.grid(), predictor=p)
-    adm = ADMUNet(
-        img_resolution=8,
-        in_channels=1,
-        out_channels=1,
-        model_channels=16,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[],
-        num_head_channels=16,
-        num_groups=8,
-    )
+    adm = tiny_adm(label_dim=0, attention_resolutions=[], num_groups=8)
     from cm.networks.amed import bottleneck_module
 
     assert bottleneck_module(EDMPrecond(adm)) is adm.middle
@@ -186,21 +166,6 @@ def test_loss_reaches_every_head():
     loss.mean().backward()
     for head in (p.fc_r, p.fc_scale_dir, p.fc_scale_time):
         assert head.weight.grad.abs().sum() > 0
-
-
-def amed_yaml(tmp_path: Path, **predictor) -> Path:
-    config = yaml.safe_load(Path(CONFIG).read_text())
-    config["trainer"].update(
-        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False
-    )
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    config["model"]["init_args"]["predictor"]["init_args"].update(predictor)
-    config["model"]["init_args"]["objective"]["init_args"]["teacher_substeps"] = 3
-    config["data"]["init_args"].update(num=2560, batch_size=64)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "amed.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @torch.no_grad()
@@ -255,8 +220,6 @@ def test_fit_then_bench_on_the_oracle(tmp_path, capsys):
 
 def test_sample_with_predictor(tmp_path, capsys):
     """A frozen cm checkpoint as the denoiser: hooked bottleneck, then ``cm sample --predictor``."""
-    from test_cli import fit, last_ckpt
-
     denoiser_ckpt = last_ckpt(fit(tmp_path / "cm", 2))
     path = amed_yaml(tmp_path / "amed", num_steps=3, solver="amed", scale_time=0.0)
     config = yaml.safe_load(path.read_text())
@@ -326,11 +289,7 @@ def test_nonfinite_interval_step_is_skipped_or_stops(tmp_path, policy):
         AMEDDistillation(heun, teacher_substeps=3),
         nonfinite=policy,
     )
-    trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[PoisonAndSnapshot()],
-    )  # fmt: skip
+    trainer = cpu_trainer(tmp_path, PoisonAndSnapshot(), max_epochs=1)
     data = SeedDataModule(num=16, batch_size=8)
     if policy == "stop":
         with pytest.raises(ValueError, match="Non-finite loss or gradients at step 1"):

@@ -7,7 +7,6 @@ Every case drives the real CLI (``cm.cli.main``) in-process; one case checks the
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 import zipfile
@@ -17,45 +16,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import DIGITS, ROOT, TINY_YAML, fails, fit_args
 from PIL import Image
 
 from cm.cli import main
 from cm.errors import UserError
 from cm.training.module import NonFiniteStepWarning
-
-ROOT = Path(__file__).parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-TINY = str(Path(__file__).parent / "tiny.yaml")
-
-
-def fit_args(root: Path, *extra: str) -> list[str]:
-    """``cm fit`` of the tiny quickstart for one step, writing under ``root``."""
-    return [
-        "fit",
-        "--config",
-        QUICKSTART,
-        "--config",
-        TINY,
-        "--trainer.max_steps=1",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
-        *extra,
-    ]
-
-
-def fails(args: list[str], match: str, capsys) -> str:
-    """Run ``cm args``; assert exit code 2 and a last stderr line ``error: <match ...>``."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("error: "), err
-    assert re.search(match, line), line
-    for dump in ("Union subtypes", "Given value", "Namespace(", "Traceback"):  # no parser dump
-        assert dump not in line, line
-    return line
 
 
 def listing(path: Path) -> list[str]:
@@ -491,7 +457,7 @@ def test_fit_config_with_wrong_type(tmp_path, capsys):
 def test_fit_cd_missing_teacher(tmp_path, capsys, monkeypatch):
     """cd_digits distils runs/edm_digits/export: without it, the one sentence that names it."""
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(ROOT / "configs" / "cd_digits.yaml"), "--config", TINY]
+    args = ["fit", "--config", str(ROOT / "configs" / "cd_digits.yaml"), "--config", TINY_YAML]
     args += ["--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path / 'run'}"]
     fails(args, r"^error: 'runs/edm_digits/export' does not exist: expected an exported", capsys)
     assert listing(tmp_path) == []
@@ -695,19 +661,16 @@ def test_eval_directory_as_samples(tmp_path, capsys):
     assert listing(tmp_path) == ["s.npz"]
 
 
-DIGITS_FEATURES = "cm.metrics.digits.DigitsFeatures"  # shipped weights: CPU-fast, no download
-
-
 def test_eval_rgb_samples_against_grayscale_reference(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "gray.npz", rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))
     np.savez(tmp_path / "rgb.npz", rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
     ref = tmp_path / "ref.npz"
     main(["eval", "ref", "--data", str(tmp_path / "gray.npz"), "--out", str(ref),
-          "--feature", DIGITS_FEATURES, "--device", "cpu"])  # fmt: skip
+          "--feature", DIGITS, "--device", "cpu"])  # fmt: skip
     capsys.readouterr()
     args = ["eval", str(tmp_path / "rgb.npz"), "--ref", str(ref), "--metrics", "fid"]
-    args += ["--feature", DIGITS_FEATURES, "--device", "cpu"]
+    args += ["--feature", DIGITS, "--device", "cpu"]
     fails(args, r"samples have 3 channel\(s\) but the reference .*ref\.npz.* 1-channel", capsys)
     assert listing(tmp_path) == ["gray.npz", "ref.npz", "rgb.npz"]
     # the same samples in gray score fine

@@ -1,10 +1,10 @@
 """``cm bench``: solvers (honest NFE counts, converging errors, files, errors), train and sample."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS, QUICKSTART, TINY_YAML, tiny_adm
 
 from cm.bench import SOLVERS, bench_solvers, markdown_table
 from cm.cli import main
@@ -139,13 +139,11 @@ def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
     from cm.solvers.sampling import SeededNoise
 
     ref = tmp_path / "digits_ref.npz"
-    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-    feature = "cm.metrics.digits.DigitsFeatures"
-    main(["eval", "ref", "--data", str(quickstart), "--feature", feature, "--out", str(ref)])
+    main(["eval", "ref", "--data", QUICKSTART, "--feature", DIGITS, "--out", str(ref)])
     out = tmp_path / "bench"
     args = ["--oracle", "mixture", "--std", "0.5", "--num", "12", "--ref_steps", "16"]
     args += ["--nfe", "3", "5", "--solvers", "euler", "ipndm", "--fid_ref", str(ref)]
-    main(["bench", "solvers", *args, "--feature", feature, "--out", str(out)])
+    main(["bench", "solvers", *args, "--feature", DIGITS, "--out", str(out)])
     rows = {(r["solver"], r["nfe"]): r for r in csv.DictReader((out / "solvers.csv").open())}
     assert "FID" in (out / "solvers.md").read_text()
     # The same 12 ipndm samples at NFE 5, scored directly.
@@ -160,9 +158,7 @@ def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
 
 # -- cm bench train / cm bench sample --------------------------------------------------------
 
-CONFIGS = Path(__file__).parents[1] / "configs"
-TINY_FIT = ["--config", str(CONFIGS / "quickstart.yaml")]
-TINY_FIT += ["--config", str(CONFIGS.parent / "tests" / "tiny.yaml")]
+TINY_FIT = ["--config", QUICKSTART, "--config", TINY_YAML]
 
 
 def test_bench_train_cpu_reports_mfu_na_then_a_number(tmp_path, capsys):
@@ -197,12 +193,7 @@ def count_forward_flops(batch: int) -> float:
     """FLOPs of one forward of the tiny quickstart network, counted independently."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cm.networks import ADMUNet
-
-    net = ADMUNet(
-        img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=16,
-        channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_head_channels=16,
-    )  # fmt: skip
+    net = tiny_adm()
     with FlopCounterMode(display=False) as counter:
         net(torch.randn(batch, 1, 8, 8), torch.zeros(batch), torch.eye(10)[: batch % 10 + 1][[0]])
     return counter.get_total_flops()

@@ -7,35 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS, cpu_trainer, fit, last_ckpt, tiny_adm, tiny_args
 
 from cm.cli import main
 
-CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
-QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
-TINY = ["--config", str(Path(__file__).parent / "tiny.yaml")]
+CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 
 
-def fit(root: Path, steps: int, *extra: str) -> Path:
-    main(
-        [
-            "fit",
-            "--config",
-            QUICKSTART,
-            *TINY,
-            f"--trainer.max_steps={steps}",
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-            *extra,
-        ]
-    )
-    return root
-
-
-def last_ckpt(root: Path) -> Path:
-    return sorted(root.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=[c.name for c in CONFIG_FILES])
 def test_print_config(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
@@ -144,23 +123,10 @@ def test_resume_is_exact(tmp_path):
 
 def predict(root: Path, out: Path, num: int, *extra: str) -> None:
     """``cm predict`` of seeds ``0 .. num - 1`` with the last checkpoint under ``root``."""
-    main(
-        [
-            "predict",
-            "--config",
-            QUICKSTART,
-            *TINY,
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-            f"--ckpt_path={last_ckpt(root)}",
-            "--data=cm.training.SeedDataModule",
-            f"--data.num={num}",
-            "--data.batch_size=2",
-            "--trainer.callbacks+=cm.training.NpzWriter",
-            f"--trainer.callbacks.out={out}",
-            *extra,
-        ]
-    )
+    args = [f"--ckpt_path={last_ckpt(root)}", "--data=cm.training.SeedDataModule"]
+    args += [f"--data.num={num}", "--data.batch_size=2"]
+    args += ["--trainer.callbacks+=cm.training.NpzWriter", f"--trainer.callbacks.out={out}"]
+    main(tiny_args("predict", root, *args, *extra))
 
 
 def test_predict_writes_npz(tmp_path):
@@ -185,52 +151,23 @@ def test_two_process_predict_generates_every_seed_once(tmp_path):
 
 def test_validate_reports_heldout_loss(tmp_path):
     root = fit(tmp_path / "run", 2, "--data.init_args.val_fraction=0.1")
-    main(
-        [
-            "validate",
-            "--config",
-            QUICKSTART,
-            *TINY,
-            "--data.init_args.val_fraction=0.1",
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-            f"--ckpt_path={last_ckpt(root)}",
-        ]
-    )
+    val = "--data.init_args.val_fraction=0.1"
+    main(tiny_args("validate", root, val, f"--ckpt_path={last_ckpt(root)}"))
     metrics = sorted(root.glob("**/metrics.csv"))[-1].read_text()
     assert "val/loss" in metrics
 
 
 def test_module_built_in_python_checkpoints_weights_only(tmp_path):
-    import lightning as L
-
     from cm.data import Mixture
     from cm.ema import EMA
-    from cm.networks import ADMUNet
     from cm.objectives import DenoisingScoreMatching
     from cm.precond import EDMPrecond
     from cm.training import DenoiserModule, ImageDataModule
 
-    net = ADMUNet(
-        img_resolution=8,
-        in_channels=1,
-        out_channels=1,
-        label_dim=0,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        num_head_channels=16,
-    )
+    net = tiny_adm(label_dim=0, attention_resolutions=[])
     module = DenoiserModule(EDMPrecond(net), DenoisingScoreMatching(), ema=EMA(0.9))
     data = ImageDataModule(Mixture(num_samples=64), batch_size=16, use_labels=False)
-    trainer = L.Trainer(
-        max_steps=2,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(tmp_path, max_steps=2, enable_checkpointing=True)
     trainer.fit(module, data)
     ckpt = next(tmp_path.glob("**/*.ckpt"))
     state = torch.load(ckpt, weights_only=True)
@@ -241,12 +178,11 @@ def test_module_built_in_python_checkpoints_weights_only(tmp_path):
 def test_objective_noise_differs_per_rank_and_micro_batch():
     from types import SimpleNamespace
 
-    from cm.networks import ADMUNet
     from cm.objectives import DenoisingScoreMatching
     from cm.precond import EDMPrecond
     from cm.training import DenoiserModule
 
-    net = ADMUNet(8, 1, 1, 0, 16, (1,), 1, (), num_head_channels=16)
+    net = tiny_adm(label_dim=0, channel_mult=[1], attention_resolutions=[])
     module = DenoiserModule(EDMPrecond(net), DenoisingScoreMatching())
 
     def draw(step: int, rank: int, batch_idx: int, world: int = 2) -> torch.Tensor:

@@ -38,13 +38,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import register_weights, tiny_open_clip
+from helpers import (
+    published_names,
+    register_weights,
+    tiny_open_clip,
+    write_cifar10,
+    write_imagenet64,
+    write_tiny_sd,
+)
 from PIL import Image
 from safetensors.torch import save_file
-from test_elatentlpips import published_names
-from test_import import edm_layout, openai_layout, random_state
-from test_real_data import _cifar, _imagenet64
-from test_text import write_tiny_sd
+from test_convert import edm_layout, openai_layout, random_state
 
 from cm.cli import main
 from cm.data import CIFAR10, LSUN, Captions, ImageNet64
@@ -184,9 +188,9 @@ def fake_dataset(name: str, args: dict, tmp: Path) -> None:
     """Point a dataset's ``path`` at a tiny fake copy in its published layout."""
     match name:
         case "cifar10":
-            args["path"] = str(_cifar(tmp / "cifar"))
+            args["path"] = str(write_cifar10(tmp / "cifar"))
         case "imagenet64":
-            args["path"] = str(_imagenet64(tmp / "imagenet64")[0])
+            args["path"] = str(write_imagenet64(tmp / "imagenet64")[0])
             args["cache_dir"] = str(tmp / "imagenet64_cache")
         case "lsun":
             args["path"] = str(_lsun(tmp / "lsun"))

@@ -1,19 +1,17 @@
 import itertools
 import json
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import QUICKSTART
 from PIL import Image
 
 from cm.cli import main
 from cm.data import Digits, DigitsDataset, FolderDataset, ImageFolder, Mixture, MixtureDataset
 from cm.training.datamodule import ImageDataModule
-
-QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
 
 
 def _write_images(root, n=6, size=8, mode="RGB", labels=True):
@@ -213,4 +211,6 @@ def test_dataset_object_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", QUICKSTART, "--data.init_args.num_components=4"])
     assert exit_info.value.code == 2
-    assert "'num_components' is not accepted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'num_components' is not accepted" in err
+    assert "--data.init_args.dataset.init_args.path DIR" in err  # says where the option went

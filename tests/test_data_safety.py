@@ -7,21 +7,17 @@ after; every refusal is exit code 2 with one ``error:`` line and nothing written
 
 import hashlib
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DIGITS, fails, fit_args
 from PIL import Image
 
 from cm.cli import main
 
-ROOT = Path(__file__).parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-TINY = str(Path(__file__).parent / "tiny.yaml")
-DIGITS = "cm.metrics.digits.DigitsFeatures"  # shipped weights: no download, CPU-fast
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -29,10 +25,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def ckpt(tmp_path_factory) -> Path:
     """A one-step ``cm fit`` checkpoint of the tiny quickstart."""
     root = tmp_path_factory.mktemp("run")
-    main(
-        ["fit", "--config", QUICKSTART, "--config", TINY, "--trainer.max_steps=1"]
-        + [f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"]
-    )
+    main(fit_args(root))
     return sorted(root.glob("**/checkpoints/*.ckpt"))[-1]
 
 
@@ -49,19 +42,6 @@ def unchanged(*roots: Path) -> Iterator[None]:
     assert before, "nothing to guard"
     yield
     assert hashes(*roots) == before
-
-
-def fails(args: list[str], match: str, capsys) -> str:
-    """Run ``cm args``; assert exit code 2, no traceback and one ``error: <match ...>`` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
-    assert re.search(match, errors[0]), errors[0]
-    return errors[0]
 
 
 def sample(ckpt: Path, out: Path, *extra: str) -> list[str]:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit_args
 
 from cm.cli import main
 
-ROOT = Path(__file__).parents[1]
 STEPS = 3
 
 
@@ -27,24 +27,10 @@ SGD = [
 
 def fit(root: Path, *extra: str) -> dict:
     """``cm fit`` of the tiny quickstart (flips on, global batch 16, SGD); the final checkpoint."""
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "quickstart.yaml"),
-            "--config",
-            str(ROOT / "tests" / "tiny.yaml"),
-            f"--trainer.max_steps={STEPS}",
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-            "--trainer.accelerator=cpu",
-            "--data.init_args.flip=true",
-            "--trainer.callbacks.init_args.final_num=0",
-            *SGD,
-            "--model.init_args.optimizer.init_args.momentum=0.9",
-            *extra,
-        ]
-    )
+    args = ["--trainer.accelerator=cpu", "--data.init_args.flip=true"]
+    args += ["--trainer.callbacks.init_args.final_num=0", *SGD]
+    args += ["--model.init_args.optimizer.init_args.momentum=0.9", *extra]
+    main(fit_args(root, *args, steps=STEPS))
     (ckpt,) = root.glob("**/checkpoints/*.ckpt")
     return torch.load(ckpt, weights_only=True)
 

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_cli import fit, last_ckpt
+from helpers import cpu_trainer, fit, last_ckpt, tiny_adm, tiny_ncsnpp
 
 from cm.cli import main
-from cm.networks.adm import ADMUNet
 from cm.networks.discriminator import ADMDiscriminator, NCSNppDiscriminator
 from cm.networks.ncsnpp import NCSNpp
 from cm.objectives.diffusion2gan import (
@@ -24,20 +23,15 @@ from cm.objectives.diffusion2gan import (
 CONFIG = Path(__file__).parents[1] / "configs" / "d2g_digits.yaml"
 
 
-def tiny_unet() -> ADMUNet:
-    """The tiny 8x8 ADMUNet of the brief (model_channels 16, num_groups 8)."""
-    return ADMUNet(8, 1, 1, 10, 16, (1, 2), 1, (4,), num_head_channels=16, num_groups=8)
-
-
 @pytest.fixture
 def disc():
     """A discriminator initialised from a (random) teacher network, and that teacher."""
     torch.manual_seed(0)
-    teacher = tiny_unet()
+    teacher = tiny_adm(num_groups=8)
     with torch.no_grad():  # zero-init output layers would hide a failed copy; perturb all
         for p in teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    d = ADMDiscriminator(tiny_unet(), sigma=0.5, num_groups=8)
+    d = ADMDiscriminator(tiny_adm(num_groups=8), sigma=0.5, num_groups=8)
     d.init_from(teacher)
     return d, teacher
 
@@ -89,7 +83,7 @@ def test_ncsnpp_discriminator_reads_out_every_scale_and_starts_from_the_teacher(
         extra |= {"decoder_type": "skip", "resample_filter": [1, 3, 3, 1]}
 
     def net() -> NCSNpp:
-        return NCSNpp(8, 1, 1, 10, 16, (1, 2), 4, 1, (4,), dropout=0.0, **extra)
+        return tiny_ncsnpp(dropout=0.0, **extra)
 
     torch.manual_seed(0)
     teacher, d = net(), NCSNppDiscriminator(net(), num_groups=8)
@@ -107,8 +101,8 @@ def test_ncsnpp_discriminator_reads_out_every_scale_and_starts_from_the_teacher(
 
 
 def test_init_from_mismatched_teacher_is_one_clear_error():
-    d = ADMDiscriminator(tiny_unet(), num_groups=8)
-    wide = ADMUNet(8, 1, 1, 10, 32, (1, 2), 1, (4,), num_head_channels=16, num_groups=8)
+    d = ADMDiscriminator(tiny_adm(num_groups=8), num_groups=8)
+    wide = tiny_adm(model_channels=32, num_groups=8)
     with pytest.raises(ValueError, match="network config"):
         d.init_from(wide)
 
@@ -170,17 +164,16 @@ def test_mix_and_match_replaces_the_fraction_with_unrelated_reals():
 
 def test_module_step_counts_and_lazy_r1(tmp_path, monkeypatch):
     """Direct module checks: global_step counts G only; R1 only on lazy iterations."""
-    import lightning as L
 
     from cm.objectives import SquaredL2
     from cm.precond import EDMPrecond
     from cm.training.diffusion2gan import Diffusion2GANModule
 
-    teacher = EDMPrecond(tiny_unet())
+    teacher = EDMPrecond(tiny_adm(num_groups=8))
     module = Diffusion2GANModule(
-        EDMPrecond(tiny_unet()),
+        EDMPrecond(tiny_adm(num_groups=8)),
         SquaredL2(),
-        ADMDiscriminator(tiny_unet(), num_groups=8),
+        ADMDiscriminator(tiny_adm(num_groups=8), num_groups=8),
         teacher=teacher,
         lambda_gan=0.5,
         r1_interval=2,
@@ -194,10 +187,7 @@ def test_module_step_counts_and_lazy_r1(tmp_path, monkeypatch):
     )
     x, z, c = batch(8)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(z, x, c), batch_size=4)
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = cpu_trainer(tmp_path, max_steps=3)
     d_before = [p.detach().clone() for p in module.discriminator.parameters()]
     trainer.fit(module, data)
     assert trainer.global_step == 3 and module.iteration == 3
@@ -288,9 +278,9 @@ def test_nonfinite_generator_step_is_skipped_or_stops(tmp_path, policy):
 
     torch.manual_seed(0)
     module = Diffusion2GANModule(
-        EDMPrecond(tiny_unet()),
+        EDMPrecond(tiny_adm(num_groups=8)),
         SquaredL2(),
-        ADMDiscriminator(tiny_unet(), num_groups=8),
+        ADMDiscriminator(tiny_adm(num_groups=8), num_groups=8),
         lambda_gan=0.5,
         r1_interval=0,
         ema=EMA(decay=0.9),
@@ -310,11 +300,7 @@ def test_nonfinite_generator_step_is_skipped_or_stops(tmp_path, policy):
                 [s["exp_avg"].clone() for s in opt_g.state.values()],
             )
 
-    trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[Snapshot()],
-    )  # fmt: skip
+    trainer = cpu_trainer(tmp_path, Snapshot(), max_steps=2)
     if policy == "stop":
         with pytest.raises(ValueError, match="Non-finite loss or gradients at step 1"):
             trainer.fit(module, data)

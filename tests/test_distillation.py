@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import register_weights
+from helpers import CONFIGS, ROOT, fit_args, register_weights
 
 from cm.cli import main
 from cm.data import MixtureDataset
@@ -19,9 +19,6 @@ from cm.objectives import (
 from cm.oracle import GaussianMixture, RandomGaussianMixture
 from cm.precond import ConsistencyPrecond, EDMPrecond
 from cm.solvers import euler_step, heun_step
-
-ROOT = Path(__file__).parents[1]
-TINY = ["--config", str(Path(__file__).parent / "tiny.yaml")]
 
 
 class TinyNet(torch.nn.Module):
@@ -228,19 +225,8 @@ def test_lpips_avg_pooling_matches_piq_recipe(tmp_path, monkeypatch):
 
 
 def _fit(config: str, root: Path, steps: int, *extra: str) -> Path:
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / config),
-            *TINY,
-            f"--trainer.max_steps={steps}",
-            "--trainer.log_every_n_steps=1",
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-            *extra,
-        ]
-    )
+    log_every = "--trainer.log_every_n_steps=1"
+    main(fit_args(root, log_every, *extra, steps=steps, config=CONFIGS / config))
     return root
 
 

@@ -5,6 +5,7 @@ from argparse import ArgumentError
 import numpy as np
 import pytest
 import torch
+from helpers import fit, last_ckpt
 
 from cm.editing import (
     Colorize,
@@ -179,8 +180,6 @@ def test_resample_is_for_diffusion_solvers():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from test_cli import fit, last_ckpt
-
     return last_ckpt(fit(tmp_path_factory.mktemp("edit_run"), 2))
 
 

@@ -2,10 +2,10 @@
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_trainer, published_names
 from safetensors.torch import save_file
 
 from cm.networks.latent_vgg import LatentVGG16BN
@@ -126,13 +126,6 @@ def test_cm_format_round_trip(tmp_path):
         ELatentLPIPS(latent_channels=16, widths=TINY, path=str(tmp_path / "e.safetensors"))
 
 
-def published_names(trunk_key: str) -> str:
-    """The release's name of ``trunk.features.<i>.<param>`` (slices 0-6, 7-13, ..., 34-43)."""
-    _, _, i, param = trunk_key.split(".")
-    s = 1 + sum(int(i) >= b for b in (7, 14, 24, 34))
-    return f"net.slice{s}.{i}.{param}"
-
-
 def test_published_format_remap(tmp_path):
     torch.manual_seed(0)
     ours = randomized()
@@ -179,17 +172,6 @@ def test_missing_weights_is_one_clear_error(tmp_path):
     assert "huggingface.co/Mingguksky/elatentlpips" in str(info.value)
 
 
-def trainer() -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        fast_dev_run=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def test_training_stages_run_on_cpu(tmp_path):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -207,7 +189,7 @@ def test_training_stages_run_on_cpu(tmp_path):
     data = LatentFieldsDataModule(
         str(tmp_path / "in/train"), str(tmp_path / "in/val"), batch_size=4, num_workers=0
     )
-    trainer().fit(stage1, data)
+    cpu_trainer(fast_dev_run=2).fit(stage1, data)
     assert not torch.equal(net.features[0].weight, before)
     save_file(net.state_dict(), tmp_path / "trunk.safetensors")
 
@@ -223,7 +205,7 @@ def test_training_stages_run_on_cpu(tmp_path):
         batch_size=4,
         num_workers=0,
     )
-    trainer().fit(stage2, data)
+    cpu_trainer(fast_dev_run=2).fit(stage2, data)
     heads = torch.cat([h.weight.flatten() for h in metric.heads])
     assert torch.all(heads >= 0) and not torch.all(heads == 1)
     assert torch.equal(metric.trunk.features[0].weight, net.features[0].weight)  # frozen

@@ -5,13 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import QUICKSTART, fit, last_ckpt
+from helpers import DIGITS, QUICKSTART, fit, last_ckpt, tiny_args
 
 from cm.cli import main
 from cm.training.metrics import rank_seeds
-
-TINY = Path(__file__).parent / "tiny.yaml"
-DIGITS = "cm.metrics.digits.DigitsFeatures"
 
 
 def test_rank_seeds_split_without_padding():
@@ -73,24 +70,10 @@ def test_validate_ddp_equals_single_process(tmp_path, reference):
     fids = []
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         root = tmp_path / f"validate_{devices}"
-        main(
-            [
-                "validate",
-                "--config",
-                QUICKSTART,
-                "--config",
-                str(TINY),
-                "--config",
-                str(cfg),
-                "--data.init_args.val_fraction=0.1",
-                "--trainer.accelerator=cpu",
-                f"--trainer.devices={devices}",
-                f"--trainer.strategy={strategy}",
-                f"--trainer.default_root_dir={root}",
-                f"--trainer.logger.init_args.save_dir={root}",
-                f"--ckpt_path={ckpt}",
-            ]
-        )
+        args = ["--config", str(cfg), "--data.init_args.val_fraction=0.1"]
+        args += ["--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
+        args += [f"--trainer.strategy={strategy}", f"--ckpt_path={ckpt}"]
+        main(tiny_args("validate", root, *args))
         fids.append(logged(root)["metrics/fid"][-1])
     # 30 seeds split 15/15 over two ranks: the same samples, so the same FID.
     assert fids[0] == pytest.approx(fids[1], rel=1e-5)

@@ -1,6 +1,7 @@
 """Classifier-free and classifier guidance against the exact mixture denoiser; label dropout."""
 
 import torch
+from helpers import CONFIGS, fit_args
 from torch import nn
 
 from cm.guidance import ClassifierGuidance, cfg
@@ -80,25 +81,13 @@ def test_label_dropout_rate_and_only_in_training():
 
 
 def test_cm_sample_cfg_scale(tmp_path):
-    from pathlib import Path
 
     import numpy as np
 
     from cm.cli import main
 
     root = tmp_path / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(Path(__file__).parents[1] / "configs" / "edm_digits.yaml"),
-            "--config",
-            str(Path(__file__).parent / "tiny.yaml"),
-            "--trainer.max_steps=2",
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-        ]
-    )
+    main(fit_args(root, steps=2, config=CONFIGS / "edm_digits.yaml"))
     ckpt = next(root.glob("**/checkpoints/*.ckpt"))
     outs = {}
     for scale in ("1.0", "3.0"):

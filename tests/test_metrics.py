@@ -17,7 +17,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from conftest import register_weights, tiny_open_clip
+from helpers import register_weights, tiny_open_clip
 from torch import nn
 
 from cm.cli import main, run

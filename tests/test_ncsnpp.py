@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import n_params, one_hot
 from torch import nn
 
 from cm.networks.ncsnpp import FIRResample, NCSNpp
@@ -68,10 +69,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def n_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 def perturb(net: nn.Module) -> nn.Module:
     """Give every parameter random values, so near-zero-initialised paths contribute."""
     torch.manual_seed(1)
@@ -79,10 +76,6 @@ def perturb(net: nn.Module) -> nn.Module:
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return net
-
-
-def one_hot(y: torch.Tensor, n: int) -> torch.Tensor:
-    return F.one_hot(y, n).float()
 
 
 @pytest.mark.parametrize(("arch", "label_dim"), sorted(PARAMS))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import register_weights
+from helpers import register_weights
 
 from cm.objectives import (
     L1,

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import fit, last_ckpt, write_pairs_config
 from safetensors.torch import load_file
-from test_cli import fit, last_ckpt
 
 from cm.cli import main, run
 from cm.io import PretrainedDenoiser
@@ -26,38 +25,16 @@ NUM, SHARD = 24, 8
 
 def pairs_config(tmp: Path, ckpt: Path, root: Path, num_steps: int = 2) -> str:
     """A tiny pairs YAML: 24 seeds in shards of 8, Heun with ``num_steps`` steps, on the CPU."""
-    config = {
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp),
-            "callbacks": [{"class_path": "cm.training.pairs.PairWriter"}],
+    generator = {
+        "teacher": {"class_path": "cm.io.PretrainedDenoiser", "init_args": {"path": str(ckpt)}},
+        "sampler": {
+            "class_path": "cm.solvers.Sampler",
+            "init_args": {"solver": "cm.solvers.heun", "num_steps": num_steps},
         },
-        "model": {
-            "class_path": "cm.training.pairs.PairGenerator",
-            "init_args": {
-                "teacher": {
-                    "class_path": "cm.io.PretrainedDenoiser",
-                    "init_args": {"path": str(ckpt)},
-                },
-                "sampler": {
-                    "class_path": "cm.solvers.Sampler",
-                    "init_args": {"solver": "cm.solvers.heun", "num_steps": num_steps},
-                },
-                "batch_size": 5,  # chunks that do not align with shards
-            },
-        },
-        "data": {
-            "class_path": "cm.training.pairs.PairSeedDataModule",
-            "init_args": {"root": str(root), "num": NUM, "seed": 0, "shard_size": SHARD},
-        },
+        "batch_size": 5,  # chunks that do not align with shards
     }
-    path = tmp / f"pairs{num_steps}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    seeds = {"root": str(root), "num": NUM, "seed": 0, "shard_size": SHARD}
+    return write_pairs_config(tmp / f"pairs{num_steps}.yaml", tmp, generator, seeds)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import tiny_open_clip
+from helpers import tiny_open_clip
 
 from cm.cli import main
 from cm.data.captions import write_digit_captions

@@ -5,31 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIGS, ROOT, TINY_YAML, fit_args, tiny_adm
 
-from cm.networks import ADMUNet
 from cm.objectives import ProgressiveDistillation
 from cm.objectives.progressive import pd_target
 from cm.oracle import GaussianMixture
 from cm.precond import EDMPrecond
 from cm.solvers import ddim, euler_step
 
-ROOT = Path(__file__).parents[1]
-
 
 def tiny_edm(seed: int = 0) -> EDMPrecond:
     torch.manual_seed(seed)
-    net = ADMUNet(
-        img_resolution=8,
-        in_channels=1,
-        out_channels=1,
-        label_dim=0,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        num_head_channels=16,
-    )
-    return EDMPrecond(net)
+    return EDMPrecond(tiny_adm(label_dim=0, attention_resolutions=[]))
 
 
 def per_sample_ddim(teacher, x, grid, labels=None):
@@ -126,27 +113,17 @@ def test_round_schedule():
 def test_rounds_chain_exports_and_resume(tmp_path):
     from cm.cli import main
 
-    tiny = ["--config", str(ROOT / "tests" / "tiny.yaml")]
     teacher_root = tmp_path / "teacher"
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "edm_digits.yaml"),
-            *tiny,
-            "--trainer.max_steps=2",
-            f"--trainer.default_root_dir={teacher_root}",
-            f"--trainer.logger.init_args.save_dir={teacher_root}",
-        ]
-    )
+    main(fit_args(teacher_root, steps=2, config=CONFIGS / "edm_digits.yaml"))
     ckpt = next(teacher_root.glob("**/checkpoints/*.ckpt"))
     main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "teacher_export")])
 
     script = load_script()
     argv = [
         "--config",
-        str(ROOT / "configs" / "pd_digits.yaml"),
-        *tiny,
+        str(CONFIGS / "pd_digits.yaml"),
+        "--config",
+        TINY_YAML,
         "--teacher",
         str(tmp_path / "teacher_export"),
         "--start_steps",

@@ -1,14 +1,12 @@
 """CIFAR-10, downsampled ImageNet 64x64 and LSUN loaders on tiny fake files; `cm data inspect`."""
 
-import io
 import os
 import pickle
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import fit_args, write_cifar10, write_imagenet64
 from PIL import Image
 
 from cm.cli import main
@@ -26,80 +24,9 @@ from cm.data.inspect import detect_dataset
 from cm.data.real import imagenet64_class_index
 from cm.training.datamodule import ImageDataModule
 
-QUICKSTART = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
-TINY = str(Path(__file__).parent / "tiny.yaml")
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Pickle as Python 2's cPickle wrote the official batches: str opcodes, numpy 1.x names."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_bytes(self, obj):
-        op = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else None
-        self.write(op or pickle.BINSTRING + struct.pack("<i", len(obj)))
-        self.write(obj)
-        self.memoize(obj)
-
-    def save_global(self, obj, name=None):
-        module = obj.__module__.replace("numpy._core", "numpy.core")
-        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-    dispatch[str] = lambda self, obj: self.save_bytes(obj.encode("latin1"))
-    dispatch[type] = dispatch[type(len)] = save_global
-
-
-def _py2_dumps(obj) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
-
-
-def _cifar(parent: Path, n: int = 4) -> Path:
-    """Official layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
-    root = parent / "cifar-10-batches-py"
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
-        batch = {
-            b"batch_label": name.encode(),
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"labels": [(i + j) % 10 for j in range(n)],
-            b"filenames": [b"x.png"] * n,
-        }
-        # train batches as Python 2 wrote them, the test batch as Python 3 re-pickles it
-        dumps = _py2_dumps if name != "test_batch" else lambda b: pickle.dumps(b, protocol=2)
-        (root / name).write_bytes(dumps(batch))
-    meta = {b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": n}
-    (root / "batches.meta").write_bytes(_py2_dumps(meta))
-    return root
-
-
-def _imagenet64(root: Path, n: int = 2) -> tuple[Path, np.ndarray, np.ndarray]:
-    """Official npz batches (CHW rows, 1-based labels) in the two official subfolders."""
-    rng = np.random.default_rng(1)
-    hwc = rng.integers(0, 256, (10 * n, 64, 64, 3), dtype=np.uint8)
-    labels = rng.integers(1, 1001, 10 * n)
-    labels[:2] = [1, 1000]
-    rows = hwc.transpose(0, 3, 1, 2).reshape(10 * n, -1)  # R plane, G plane, B plane
-    (root / "Imagenet64_train_npz").mkdir(parents=True)
-    (root / "Imagenet64_val_npz").mkdir()
-    for k in range(10):
-        part = slice(k * n, (k + 1) * n)
-        np.savez(
-            root / "Imagenet64_train_npz" / f"train_data_batch_{k + 1}.npz",
-            data=rows[part],
-            labels=labels[part].tolist(),
-            mean=np.zeros(12288),
-        )
-    np.savez(root / "Imagenet64_val_npz" / "val_data.npz", data=rows[:3], labels=labels[:3])
-    return root, hwc, labels
-
 
 def test_cifar10_reads_official_batches(tmp_path):
-    root = _cifar(tmp_path)
+    root = write_cifar10(tmp_path)
     ds = CIFAR10Dataset(str(tmp_path))  # the parent of cifar-10-batches-py works too
     assert len(ds) == 20 and (ds.resolution, ds.channels, ds.label_dim) == (32, 3, 10)
     assert len(CIFAR10Dataset(str(root), split="test")) == 4
@@ -121,7 +48,7 @@ def test_cifar10_reads_official_batches(tmp_path):
 def test_cifar10_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data_batch_1.*cs\.toronto\.edu"):
         CIFAR10Dataset(str(tmp_path))
-    root = _cifar(tmp_path)
+    root = write_cifar10(tmp_path)
     (root / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match=r"files data_batch_3 not found.*cifar\.html"):
         CIFAR10Dataset(str(root))
@@ -145,7 +72,7 @@ class _Evil:
 
 
 def test_cifar10_rejects_malicious_pickle(tmp_path):
-    root = _cifar(tmp_path)
+    root = write_cifar10(tmp_path)
     marker = tmp_path / "pwned"
     (root / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(marker)}, protocol=2))
     with pytest.raises(ValueError, match=r"system is not allowed.*re-download"):
@@ -154,7 +81,7 @@ def test_cifar10_rejects_malicious_pickle(tmp_path):
 
 
 def test_imagenet64_label_shift_pixel_order_and_cache(tmp_path):
-    root, hwc, labels = _imagenet64(tmp_path / "in64")
+    root, hwc, labels = write_imagenet64(tmp_path / "in64")
     cache = tmp_path / "cache"
     ds = ImageNet64Dataset(str(root), cache_dir=str(cache))
     assert len(ds) == 20 and (ds.resolution, ds.channels, ds.label_dim) == (64, 3, 1000)
@@ -184,7 +111,7 @@ def test_imagenet64_label_shift_pixel_order_and_cache(tmp_path):
 
 
 def test_imagenet64_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    root, _, _ = _imagenet64(tmp_path)
+    root, _, _ = write_imagenet64(tmp_path)
     read = real_module._imagenet64_pixels
 
     def flaky(file):
@@ -201,7 +128,7 @@ def test_imagenet64_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch)
 def test_imagenet64_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train_data_batch_1\.npz.*image-net\.org"):
         ImageNet64Dataset(str(tmp_path))
-    root, _, _ = _imagenet64(tmp_path / "in64")
+    root, _, _ = write_imagenet64(tmp_path / "in64")
     with pytest.raises(ValueError, match="64x64, not 32x32"):
         ImageNet64Dataset(str(root), resolution=32)
     np.savez(
@@ -269,7 +196,7 @@ def test_lsun_folder_of_odd_sizes(tmp_path):
 
 
 def test_datamodule_reads_shapes_without_loading(tmp_path):
-    root = _cifar(tmp_path)
+    root = write_cifar10(tmp_path)
     dm = ImageDataModule(CIFAR10(str(root)), resolution=32, batch_size=4)
     assert (dm.resolution, dm.channels, dm.label_dim) == (32, 3, 10) and dm._full is None
     x, y = next(iter(dm.train_dataloader()))
@@ -277,7 +204,7 @@ def test_datamodule_reads_shapes_without_loading(tmp_path):
     with pytest.raises(ValueError, match="resolution to 32"):
         ImageDataModule(CIFAR10(str(root)), resolution=16)
     assert ImageDataModule(CIFAR10(str(root), split="test")).resolution == 32
-    in64, _, _ = _imagenet64(tmp_path / "in64")
+    in64, _, _ = write_imagenet64(tmp_path / "in64")
     dm = ImageDataModule(ImageNet64(str(in64)), resolution=64, use_labels=False)
     assert (dm.channels, dm.label_dim) == (3, 0)
     dm.prepare_data()
@@ -288,10 +215,10 @@ def test_datamodule_reads_shapes_without_loading(tmp_path):
 
 
 def test_detect_dataset(tmp_path):
-    _cifar(tmp_path / "c")
+    write_cifar10(tmp_path / "c")
     assert detect_dataset(tmp_path / "c") == "cifar10"
     assert detect_dataset(tmp_path / "c" / "cifar-10-batches-py") == "cifar10"
-    assert detect_dataset(_imagenet64(tmp_path / "i")[0]) == "imagenet64"
+    assert detect_dataset(write_imagenet64(tmp_path / "i")[0]) == "imagenet64"
     (tmp_path / "f").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / "f" / f"{i}.png")
@@ -306,7 +233,7 @@ def test_detect_dataset(tmp_path):
 
 
 def test_cm_data_inspect(tmp_path, capsys):
-    _cifar(tmp_path / "data")
+    write_cifar10(tmp_path / "data")
     png = tmp_path / "out" / "preview.png"  # outside the dataset: inside it is refused
     main(["data", "inspect", str(tmp_path / "data"), "--out", str(png), "--num", "8"])
     out = capsys.readouterr().out
@@ -320,27 +247,13 @@ def test_cm_data_inspect(tmp_path, capsys):
 
 
 def test_fit_two_steps_on_cifar10(tmp_path):
-    root = _cifar(tmp_path / "data")
+    root = write_cifar10(tmp_path / "data")
     net = "--model.init_args.denoiser.init_args.net.init_args"
-    main(
-        [
-            "fit",
-            "--config",
-            QUICKSTART,
-            "--config",
-            TINY,
-            "--trainer.max_steps=2",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}",
-            "--data.init_args.dataset=cm.data.CIFAR10",
-            f"--data.init_args.dataset.init_args.path={root}",
-            "--data.init_args.resolution=32",
-            "--data.init_args.batch_size=4",
-            f"{net}.img_resolution=32",
-            f"{net}.in_channels=3",
-            f"{net}.out_channels=3",
-        ]
-    )
+    args = ["--data.init_args.dataset=cm.data.CIFAR10"]
+    args += [f"--data.init_args.dataset.init_args.path={root}", "--data.init_args.resolution=32"]
+    args += ["--data.init_args.batch_size=4", f"{net}.img_resolution=32"]
+    args += [f"{net}.in_channels=3", f"{net}.out_channels=3"]
+    main(fit_args(tmp_path / "run", *args, steps=2))
     samples = np.load(next((tmp_path / "run").glob("**/samples/samples.npz")))["arr_0"]
     assert samples.shape == (12, 32, 32, 3)
     assert next((tmp_path / "run").glob("**/checkpoints/*.ckpt")).is_file()

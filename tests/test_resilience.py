@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import ROOT, amed_yaml, cpu_trainer, fit_args, tiny_adm
 
-ROOT = Path(__file__).parents[1]
 STEPS = 12
 
 
@@ -49,11 +49,10 @@ def cm_fit(root: Path, *extra: str, signal_at: tuple[int, ...] | None = None):
     root.mkdir(parents=True, exist_ok=True)
     overlay = root / "callbacks.yaml"
     overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    command = [sys.executable, "-m", "cm", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-               "--config", str(ROOT / "tests/tiny.yaml"), "--config", str(overlay),
-               f"--trainer.max_steps={STEPS}", f"--trainer.default_root_dir={root}",
-               f"--trainer.logger.init_args.save_dir={root}", "--trainer.accelerator=cpu",
-               *extra]  # fmt: skip
+    args = fit_args(
+        root, "--config", str(overlay), "--trainer.accelerator=cpu", *extra, steps=STEPS
+    )
+    command = [sys.executable, "-m", "cm", *args]
     # Resuming must work with torch.load(weights_only=True) forced (Lightning passes None).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"),
            "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}  # fmt: skip
@@ -191,13 +190,12 @@ def tiny_fit(
 ) -> None:
     """EDM steps of a tiny UNet on digits, in process."""
     from cm.ema import EMA
-    from cm.networks import ADMUNet
     from cm.objectives import DenoisingScoreMatching
     from cm.precond import EDMPrecond
     from cm.training import DenoiserModule, ImageDataModule
 
     L.seed_everything(0)
-    net = ADMUNet(8, 1, 1, 10, 16, (1,), 1, (), num_head_channels=16)
+    net = tiny_adm(channel_mult=[1], attention_resolutions=[])
     module = DenoiserModule(
         EDMPrecond(net),
         DenoisingScoreMatching(),
@@ -205,11 +203,7 @@ def tiny_fit(
         nonfinite=nonfinite,
         max_consecutive_skips=max_consecutive_skips,
     )
-    options = dict(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
-    )  # fmt: skip
-    trainer = L.Trainer(**{**options, **trainer})
+    trainer = cpu_trainer(None, *callbacks, max_steps=steps, **trainer)
     data = ImageDataModule("digits", resolution=8, batch_size=8, flip=True)
     trainer.fit(module, data, ckpt_path=ckpt_path)
 
@@ -251,11 +245,7 @@ def test_nonfinite_stop_ends_the_cli_run_with_one_line(tmp_path, capsys):
     callbacks = [{"class_path": "test_resilience.Poison", "init_args": {"step": 1}}]
     overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-              "--config", str(ROOT / "tests/tiny.yaml"), "--config", str(overlay),
-              "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}",
-              f"--trainer.logger.init_args.save_dir={tmp_path}",
-              "--trainer.accelerator=cpu"])  # fmt: skip
+        main(fit_args(tmp_path, "--config", str(overlay), "--trainer.accelerator=cpu", steps=3))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: Non-finite loss or gradients at step 1: the run diverged;")
@@ -263,8 +253,6 @@ def test_nonfinite_stop_ends_the_cli_run_with_one_line(tmp_path, capsys):
 
 
 def test_amed_checkpoint_resumes_weights_only(tmp_path, monkeypatch):
-    from test_amed import amed_yaml
-
     from cm.cli import main
 
     path = amed_yaml(tmp_path)

@@ -8,17 +8,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import test_text
 import torch
 import yaml
+from helpers import WIDTH, write_sd_pairs
 from PIL import Image
-from test_text import WIDTH, write_sd_pairs
 
 from cm.cli import main
 from cm.objectives.diffusion2gan import swap_contexts
 
 pytest.importorskip("diffusers")
-tiny_sd, tiny_text = test_text.tiny_sd, test_text.tiny_text  # the shared fixtures
 CONFIG = Path(__file__).parents[1] / "configs" / "d2g_sd15.yaml"
 HEADS = ("skip_heads", "mid_heads", "dec_heads")
 

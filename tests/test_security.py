@@ -14,44 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fails, fit_args
 
 from cm.cli import main
 from cm.io import load_denoiser
 
-ROOT = Path(__file__).parents[1]
-QUICKSTART, TINY = (
-    str(ROOT / "configs" / "quickstart.yaml"),
-    str(Path(__file__).parent / "tiny.yaml"),
-)
 GADGET = "cm_gadget_marker"  # the module name of the gadget
-
-
-def fit_args(root: Path, *extra: str) -> list[str]:
-    """``cm fit`` of the tiny quickstart for one step, writing under ``root``."""
-    return [
-        "fit",
-        "--config",
-        QUICKSTART,
-        "--config",
-        TINY,
-        "--trainer.max_steps=1",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
-        *extra,
-    ]
-
-
-def fails(args: list[str], match: str, capsys) -> str:
-    """Run ``cm args``; assert exit 2 and one last stderr line ``error: <match ...>``."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("error: "), err
-    assert re.search(match, line), line
-    return line
 
 
 @pytest.fixture(scope="module")

@@ -1,41 +1,27 @@
 """Speed features: no graph breaks in the UNets, fp32 preconditioning under bf16, Compile in fit."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_trainer, fit, tiny_adm, tiny_ncsnpp
 from torch._dynamo.utils import counters
 
 from cm.cli import main
-from cm.networks import ADMUNet, NCSNpp
 from cm.precond import ConsistencyPrecond, EDMPrecond, VPPrecond
 from cm.training.speed import Compile, find_submodule, prepare
 
-CONFIGS = Path(__file__).parents[1] / "configs"
-TINY = Path(__file__).parent / "tiny.yaml"
-SMALL = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=16)
-
-
-def adm(**kwargs) -> ADMUNet:
-    options = dict(channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4])
-    return ADMUNet(**SMALL, **(options | {"num_head_channels": 16} | kwargs))
-
-
-def ncsnpp(**kwargs) -> NCSNpp:
-    options = dict(channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], label_dim=10)
-    return NCSNpp(**SMALL, **(options | kwargs))
-
-
 X, SIGMA, ONE_HOT = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 10.0]), torch.eye(10)[:2]
 CASES = {
-    "adm_labels": (lambda: ConsistencyPrecond(adm(label_dim=10)), ONE_HOT),
-    "adm_cross_attention": (lambda: EDMPrecond(adm(context_dim=8)), torch.randn(2, 5, 8)),
-    "adm_vp": (lambda: VPPrecond(adm(label_dim=10), num_timesteps=100), ONE_HOT),
-    "ncsnpp": (lambda: EDMPrecond(ncsnpp()), ONE_HOT),
+    "adm_labels": (lambda: ConsistencyPrecond(tiny_adm()), ONE_HOT),
+    "adm_cross_attention": (
+        lambda: EDMPrecond(tiny_adm(label_dim=0, context_dim=8)),
+        torch.randn(2, 5, 8),
+    ),
+    "adm_vp": (lambda: VPPrecond(tiny_adm(), num_timesteps=100), ONE_HOT),
+    "ncsnpp": (lambda: EDMPrecond(tiny_ncsnpp()), ONE_HOT),
     "ncsnpp_residual_skip_fourier": (
         lambda: EDMPrecond(
-            ncsnpp(encoder_type="residual", decoder_type="skip", embedding_type="fourier")
+            tiny_ncsnpp(encoder_type="residual", decoder_type="skip", embedding_type="fourier")
         ),
         ONE_HOT,
     ),
@@ -65,7 +51,7 @@ def randomize(net: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("precond", [EDMPrecond, ConsistencyPrecond])
 def test_bf16_autocast_keeps_fp32_preconditioning(precond):
     """EDM casts F_x to float32: under bf16 autocast only the network runs in bf16."""
-    denoiser = precond(randomize(adm(label_dim=10)))
+    denoiser = precond(randomize(tiny_adm()))
     reference = denoiser(X, SIGMA, ONE_HOT)
     with torch.autocast("cpu", torch.bfloat16):
         c_skip, c_out, c_in, c_noise = denoiser.scalings(SIGMA.reshape(-1, 1, 1, 1))
@@ -79,7 +65,7 @@ def test_bf16_autocast_keeps_fp32_preconditioning(precond):
 
 def test_prepare_keeps_state_dict_and_matches_eager():
     """Compiled + channels-last network: same keys, same outputs, NHWC weights."""
-    net = randomize(adm(label_dim=10))
+    net = randomize(tiny_adm())
     eager = {k: v.clone() for k, v in net.state_dict().items()}
     reference = net(X, SIGMA.log(), ONE_HOT)
     prepare(net, backend="aot_eager", channels_last=True)
@@ -90,7 +76,7 @@ def test_prepare_keeps_state_dict_and_matches_eager():
 
 def test_find_submodule_error():
     module = torch.nn.Module()
-    module.denoiser = EDMPrecond(adm())
+    module.denoiser = EDMPrecond(tiny_adm(label_dim=0))
     assert find_submodule(module, "denoiser.net") is module.denoiser.net
     with pytest.raises(ValueError, match="has no submodule 'discriminator.net'"):
         find_submodule(module, "discriminator.net")
@@ -109,15 +95,7 @@ def test_compiled_fit_checkpoint_samples(tmp_path):
     )
     root = tmp_path / "run"
     counters.clear()
-    main(
-        [
-            "fit",
-            *("--config", str(CONFIGS / "quickstart.yaml"), "--config", str(TINY)),
-            *("--config", str(override), "--trainer.max_steps=2"),
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}",
-        ]
-    )
+    fit(root, 2, "--config", str(override))
     assert counters["stats"]["unique_graphs"] >= 1  # the network ran compiled
     ckpt = next(root.glob("**/checkpoints/*.ckpt"))
     keys = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -138,21 +116,16 @@ def test_compiled_fit_checkpoint_samples(tmp_path):
 
 def test_compile_diffusion2gan_generator_with_r1(tmp_path):
     """Compile G's network under manual optimisation with R1 (D stays eager); D + R1 is refused."""
-    import lightning as L
-
     from cm.networks.discriminator import ADMDiscriminator
     from cm.objectives import SquaredL2
     from cm.training.diffusion2gan import Diffusion2GANModule
 
-    def unet() -> ADMUNet:
-        return ADMUNet(8, 1, 1, 10, 16, (1, 2), 1, (4,), num_head_channels=16, num_groups=8)
-
     torch.manual_seed(0)
     module = Diffusion2GANModule(
-        EDMPrecond(unet()),
+        EDMPrecond(tiny_adm(num_groups=8)),
         SquaredL2(),
-        ADMDiscriminator(unet(), num_groups=8),
-        teacher=EDMPrecond(unet()),
+        ADMDiscriminator(tiny_adm(num_groups=8), num_groups=8),
+        teacher=EDMPrecond(tiny_adm(num_groups=8)),
         lambda_gan=0.5,
         r1_interval=1,
     )
@@ -162,17 +135,10 @@ def test_compile_diffusion2gan_generator_with_r1(tmp_path):
         torch.utils.data.TensorDataset(z, x, torch.eye(10)[torch.arange(8)]), batch_size=4
     )
 
-    def trainer(*callbacks) -> L.Trainer:
-        return L.Trainer(
-            max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-            callbacks=list(callbacks),
-        )  # fmt: skip
-
     counters.clear()
-    trainer(Compile(backend="aot_eager")).fit(module, data)
+    cpu_trainer(tmp_path, Compile(backend="aot_eager"), max_steps=2).fit(module, data)
     assert module.iteration == 2 and counters["stats"]["unique_graphs"] >= 1
     assert module.denoiser.net._compiled_call_impl is not None
     both = Compile(["denoiser.net", "discriminator"], backend="aot_eager")
     with pytest.raises(ValueError, match="cannot take R1's double backward"):
-        trainer(both).fit(module, data)
+        cpu_trainer(tmp_path, both, max_steps=2).fit(module, data)

@@ -9,8 +9,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import yaml
-from conftest import tiny_open_clip
+from helpers import TEXT_ADM, TINY_CLIP, WIDTH, text_pairs_config, write_sd_pairs
 from PIL import Image
 from safetensors import safe_open
 
@@ -20,21 +19,6 @@ from cm.networks import ADMUNet
 from cm.networks.text import TextEncoder
 from cm.training.pair_data import PairDataModule
 from cm.weights import clip_weights
-
-TINY_CLIP = "cm-test-tiny-text-clip"
-WIDTH = 32  # the tiny text tower's token width = the UNet's context_dim
-TINY = dict(
-    img_resolution=8,
-    in_channels=1,
-    out_channels=1,
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_res_blocks=1,
-    attention_resolutions=[4],
-    num_head_channels=8,
-    num_groups=8,
-)
-
 
 # -- ADMUNet cross-attention -------------------------------------------------------------------
 
@@ -48,7 +32,7 @@ def _randomize(net: torch.nn.Module, seed: int = 0) -> None:
 
 
 def test_default_keys_unchanged_and_cross_only_adds():
-    plain, text = ADMUNet(**TINY), ADMUNet(**TINY, context_dim=WIDTH)
+    plain, text = ADMUNet(**TEXT_ADM), ADMUNet(**TEXT_ADM, context_dim=WIDTH)
     keys, text_keys = set(plain.state_dict()), set(text.state_dict())
     assert not any(".cross." in k for k in keys)
     added = text_keys - keys
@@ -59,9 +43,9 @@ def test_default_keys_unchanged_and_cross_only_adds():
 
 def test_cross_attention_is_identity_at_init_and_learns():
     torch.manual_seed(0)
-    plain = ADMUNet(**TINY)
+    plain = ADMUNet(**TEXT_ADM)
     _randomize(plain)
-    net = ADMUNet(**TINY, context_dim=WIDTH)
+    net = ADMUNet(**TEXT_ADM, context_dim=WIDTH)
     missing, unexpected = net.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(".cross." in k for k in missing)
     x, c_noise = torch.randn(3, 1, 8, 8), torch.randn(3)
@@ -85,7 +69,7 @@ def test_cross_attention_is_identity_at_init_and_learns():
 
 def test_class_labels_unchanged_and_context_width_checked():
     torch.manual_seed(0)
-    net = ADMUNet(**TINY, label_dim=3, context_dim=WIDTH)
+    net = ADMUNet(**TEXT_ADM, label_dim=3, context_dim=WIDTH)
     _randomize(net)
     x, c_noise, y = torch.randn(2, 1, 8, 8), torch.randn(2), torch.eye(3)[:2]
     with torch.no_grad():
@@ -96,14 +80,6 @@ def test_class_labels_unchanged_and_context_width_checked():
 
 
 # -- TextEncoder -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_text(tmp_path, monkeypatch) -> Path:
-    """A tiny open_clip ``cm-test-tiny-text-clip``/``random``; returns its weights directory."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    tiny_open_clip(TINY_CLIP, tmp_path / "weights", monkeypatch, text_width=WIDTH)
-    return tmp_path / "weights"
 
 
 def test_text_encoder_shapes_frozen_deterministic(tiny_text):
@@ -199,55 +175,6 @@ def test_captions_errors_and_encoding(tmp_path, tiny_text):
 # -- ODE pairs of a text-conditioned teacher through cm predict --------------------------------
 
 
-def text_pairs_config(
-    tmp: Path,
-    root: Path,
-    prompts: Path,
-    cfg_scale: float | None,
-    teacher: dict | None = None,
-    sampler: dict | None = None,
-    **options,
-) -> str:
-    """Pairs of a random text-conditioned ADM teacher: 10 seeds in shards of 4, Euler 2 steps."""
-    net = {"class_path": "cm.networks.ADMUNet", "init_args": {**TINY, "context_dim": WIDTH}}
-    teacher = teacher or {"class_path": "cm.precond.EDMPrecond", "init_args": {"net": net}}
-    sampler = sampler or {"solver": "cm.solvers.euler", "num_steps": 2}
-    encoder = {
-        "class_path": "cm.networks.text.TextEncoder",
-        "init_args": {"model": TINY_CLIP, "pretrained": "random", "max_length": 8},
-    }
-    config = {
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp),
-            "callbacks": [{"class_path": "cm.training.pairs.PairWriter"}],
-        },
-        "model": {
-            "class_path": "cm.training.pairs.PairGenerator",
-            "init_args": {
-                "teacher": teacher,
-                "sampler": {"class_path": "cm.solvers.Sampler", "init_args": sampler},
-                "cfg_scale": cfg_scale,
-                "batch_size": 3,
-                "captions": str(prompts),
-                "text_encoder": encoder,
-                **options,
-            },
-        },
-        "data": {
-            "class_path": "cm.training.pairs.PairSeedDataModule",
-            "init_args": {"root": str(root), "num": 10, "seed": 0, "shard_size": 4},
-        },
-    }
-    path = tmp / f"text_pairs_{cfg_scale}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 @pytest.mark.parametrize("cfg_scale", [None, 2.0])
 def test_text_pairs_through_cli(tmp_path, tiny_text, cfg_scale):
     prompts = tmp_path / "prompts.jsonl"
@@ -286,55 +213,6 @@ def test_stable_diffusion_needs_diffusers(monkeypatch):
         StableDiffusionDenoiser("nowhere")
 
 
-SD_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-}
-
-
-@pytest.fixture
-def tiny_sd(tmp_path) -> Path:
-    """A diffusers directory with a tiny random UNet2DConditionModel and AutoencoderKL."""
-    return write_tiny_sd(tmp_path)
-
-
-def write_tiny_sd(tmp_path: Path) -> Path:
-    """``tmp_path/sd``: a tiny random UNet2DConditionModel, AutoencoderKL and scheduler config."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    unet.save_pretrained(tmp_path / "sd" / "unet")
-    vae.save_pretrained(tmp_path / "sd" / "vae")
-    (tmp_path / "sd" / "scheduler").mkdir()
-    (tmp_path / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER))
-    return tmp_path / "sd"
-
-
 def test_stable_diffusion_denoiser(tiny_sd):
     from cm.networks.stable_diffusion import StableDiffusionDenoiser
 
@@ -365,23 +243,6 @@ def test_stable_diffusion_denoiser(tiny_sd):
     assert latents.shape == (2, 4, 8, 8) and D.scaling_factor == pytest.approx(0.18215)
     decoded = D.decode(latents)
     assert decoded.shape == images.shape and decoded.abs().max() <= 1
-
-
-def write_sd_pairs(tmp_path: Path, tiny_sd: Path, captions: str) -> tuple[Path, str]:
-    """Latent text pairs of the tiny SD teacher by ``cm predict`` (DDIM 2 steps, CFG 3)."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(captions)
-    root = tmp_path / "sd_pairs"
-    teacher = {
-        "class_path": "cm.networks.stable_diffusion.StableDiffusionDenoiser",
-        "init_args": {"path": str(tiny_sd), "load_vae": False},
-    }
-    sampler = {"solver": "cm.solvers.ddim", "num_steps": 2, "schedule": "vp"}
-    config = text_pairs_config(
-        tmp_path, root, prompts, 3.0, teacher, sampler, clamp=False, uncond_caption=""
-    )
-    main(["predict", "--config", config])
-    return root, config
 
 
 def test_stable_diffusion_latent_pairs(tmp_path, tiny_sd, tiny_text):

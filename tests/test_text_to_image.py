@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_text
 import torch
 import yaml
-from test_text import TINY_CLIP, WIDTH
+from helpers import TINY_CLIP, WIDTH
 
 from cm.cli import main
 from cm.cli import run as run_cli
@@ -22,7 +21,6 @@ from cm.solvers.sampling import Sampler, generate_text_or_latent
 from cm.training import ImageDataModule
 
 CONFIG = Path(__file__).parents[1] / "configs" / "edm_digits_text.yaml"
-tiny_text = test_text.tiny_text  # the shared fixture
 
 
 def test_digit_caption_folder_and_datamodule(tmp_path, tiny_text):

@@ -8,17 +8,15 @@ of 32 KiB blocks whose records (7-byte header: crc32, length, type) hold ``Recor
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_generative_metrics import DIGITS
+from helpers import DIGITS, QUICKSTART, TINY_YAML
 
 from cm.cli import main
 
-ROOT = Path(__file__).parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-TINY = str(Path(__file__).parent / "tiny.yaml")
 BLOCK, HEADER = 32768, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
@@ -119,7 +117,8 @@ def test_offline_run_logs_config_losses_lr_throughput_grids_and_nfe_plot(wandb_e
         }
     }
     (tmp / "wandb.yaml").write_text(yaml.safe_dump(config))
-    main(["fit", "--config", QUICKSTART, "--config", TINY, "--config", str(tmp / "wandb.yaml")])
+    overlay = str(tmp / "wandb.yaml")
+    main(["fit", "--config", QUICKSTART, "--config", TINY_YAML, "--config", overlay])
     # The `cm` process finishes its run at exit (wandb's atexit hook); in-process, finish it here
     # so the records are flushed and the next WandbLogger does not reuse this run.
     import wandb
@@ -130,8 +129,15 @@ def test_offline_run_logs_config_losses_lr_throughput_grids_and_nfe_plot(wandb_e
     assert len(runs) == 1
     files = list(runs[0].glob("run-*.wandb"))
     assert len(files) == 1
-    recs = records(files[0])
-    kinds = {r.WhichOneof("record_type") for r in recs}
+    # wandb-core writes the file from its own process: under load the last blocks land a moment
+    # after finish() returns, so wait (up to 60 s) for the exit record.
+    deadline = time.monotonic() + 60
+    while True:
+        recs = records(files[0])
+        kinds = {r.WhichOneof("record_type") for r in recs}
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert {"run", "config", "history", "exit"} <= kinds
 
     # config: the model's init_args as the YAML had them
@@ -186,7 +192,7 @@ def test_failed_fit_leaves_no_wandb_run(wandb_env):
     run_dir = tmp / "run"
     logger = "lightning.pytorch.loggers.WandbLogger"
     args = [
-        "fit", "--config", QUICKSTART, "--config", TINY, "--trainer.max_steps=1",
+        "fit", "--config", QUICKSTART, "--config", TINY_YAML, "--trainer.max_steps=1",
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger={logger}",
         f"--trainer.logger.init_args.save_dir={run_dir}",
         "--data.init_args.dataset=cm.data.ImageFolder",

@@ -1,7 +1,7 @@
 """Pretrained weights: lookup order, atomic fetch, SHA-256 checks, no code from a weights cache.
 
 Real files cannot be downloaded here: tests write random weights under the published file names
-and register their digest with ``conftest.register_weights`` (the check itself always runs).
+and register their digest with ``helpers.register_weights`` (the check itself always runs).
 """
 
 import builtins
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import register_weights
+from helpers import fit_args, register_weights
 from torch import nn
 
 from cm import weights
@@ -21,7 +21,6 @@ from cm.cli import main
 from cm.metrics import InceptionFeatures
 from cm.objectives import LPIPS
 
-ROOT = Path(__file__).parents[1]
 INCEPTION = weights.REGISTRY["inception"].filename
 VGG = weights.REGISTRY["vgg16"].filename
 
@@ -131,12 +130,8 @@ def test_malicious_inception_never_runs(tmp_path, cache, monkeypatch, capsys):
 def test_malicious_vgg_ends_an_lpips_fit(tmp_path, cache, capsys):
     marker = tmp_path / "marker"
     torch.save(Payload(marker), cache / VGG)
-    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config"]
-    args += [str(ROOT / "tests" / "tiny.yaml"), "--trainer.max_steps=1"]
-    args += [f"--trainer.default_root_dir={tmp_path / 'run'}"]
-    args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}"]
-    args += ["--model.init_args.objective.init_args.distance=cm.objectives.LPIPS"]
-    fails(args, "SHA-256", capsys)
+    lpips = "--model.init_args.objective.init_args.distance=cm.objectives.LPIPS"
+    fails(fit_args(tmp_path / "run", lpips), "SHA-256", capsys)
     assert not marker.exists()
 
 

@@ -49,9 +49,22 @@ def one_line(e: BaseException) -> str:
             f"W&B: {text.rstrip('.')} (`wandb login`); or set WANDB_MODE=offline, or pick another "
             "logger (e.g. --trainer.logger lightning.pytorch.loggers.CSVLogger)."
         )
-    if isinstance(e, ArgumentError):
+    if re.search(_OLD_DATA_OPTION, text):
+        text = (
+            f"{text.rstrip('.')}: dataset options moved into the dataset object, e.g. "
+            "`dataset: {class_path: cm.data.CIFAR10, init_args: {path: DIR}}` or "
+            "--data.init_args.dataset.init_args.path DIR (CHANGELOG, README's Datasets)."
+        )
+    elif isinstance(e, ArgumentError):
         text = f"{text.rstrip('.')} (see --help)."
     return text
+
+
+# ImageDataModule's flat options before datasets became objects (issue 15).
+_OLD_DATA_OPTION = (
+    r"ImageDataModule.*Option '(path|split|cache_dir|text_encoder|num_samples|num_components|"
+    r"channels|mixture_std)' is not accepted"
+)
 
 
 _NO_GPU = r"No supported gpu backend found|can not run on your system since the accelerator"
