@@ -1,11 +1,7 @@
 """What ``cm eval`` reads and writes: samples ``.npz`` files, feature choices, JSON results.
 
-``cm eval samples.npz --ref ref.npz [--metrics fid is kid precision recall] [--json out.json]``
-prints a table and writes JSON (default ``<samples>.metrics.json``).
-``cm eval ref --data config.yaml --out ref.npz [--num N]`` caches the real-image statistics of
-the ``data:`` section of a training YAML (see ``cm.metrics.reference`` for the file layout).
-Both check their output before any work: never one of their inputs, an existing file only with
-``--overwrite``.
+Library functions only; the command line (``cm eval``, ``cm eval ref``) is
+``cm.commands.eval``.
 """
 
 import json
