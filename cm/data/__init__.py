@@ -7,11 +7,10 @@ from cm.data.captions import (
     write_digit_captions,
 )
 from cm.data.datasets import DigitsDataset, FolderDataset, MixtureDataset
+from cm.data.lsun import LSUNDataset, center_crop_arr
 from cm.data.real import (
     CIFAR10Dataset,
     ImageNet64Dataset,
-    LSUNDataset,
-    center_crop_arr,
     load_cifar_batch,
     open_dataset,
 )

@@ -30,6 +30,11 @@ def one_hot(labels: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(torch.as_tensor(labels, dtype=torch.long), num_classes).to(torch.float32)
 
 
+def to_unit(x: np.ndarray) -> Tensor:
+    """uint8 ``[C, H, W]`` (copied out of any memory map) -> float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(x, dtype=np.float32)) / 127.5 - 1
+
+
 def _random_hflip(x: Tensor) -> Tensor:
     """Mirror ``x`` (``[C, H, W]``) left-right with probability 1/2."""
     return x.flip(-1) if torch.rand(()) < 0.5 else x

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cm.data.lsun import list_images
 from cm.data.real import (
     CIFAR10Dataset,
     DatasetName,
     ImageNet64Dataset,
     Split,
-    list_images,
     open_dataset,
 )
 from cm.errors import UserError

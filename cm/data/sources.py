@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 
 from cm.data.captions import CaptionFolderDataset
 from cm.data.datasets import DigitsDataset, FolderDataset, MixtureDataset
-from cm.data.real import CIFAR10Dataset, ImageNet64Dataset, LSUNDataset, Split
+from cm.data.lsun import LSUNDataset
+from cm.data.real import CIFAR10Dataset, ImageNet64Dataset, Split
 from cm.errors import UserError
 
 
