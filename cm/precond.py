@@ -39,11 +39,11 @@ class Preconditioner(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)`` (Karras et al. 2022, Eq. 7)."""
-        x = x.to(torch.float32)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 in tests
         sigma = _sigma_column(sigma, x)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         F_x = self.net(c_in * x, c_noise.flatten(), labels)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip * x + c_out * F_x.to(x.dtype)
 
 
 class EDMPrecond(Preconditioner):
@@ -102,6 +102,72 @@ class ConsistencyPrecond(Preconditioner):
         c_in = 1 / (sigma**2 + sd2).sqrt()
         c_noise = self.noise_scale * torch.log(sigma + 1e-44)
         return c_skip, c_out, c_in, c_noise
+
+
+class TrigFlowPrecond(Preconditioner):
+    """Lu & Song 2024, Eq. 3-4 (sCM): ``f = cos t x_t - sin t sigma_d F(x_t / sigma_d, t)``.
+
+    TrigFlow's ``x_t = cos t x0 + sin t z`` (``z ~ N(0, sigma_d^2 I)``) is EDM's
+    ``x = x0 + sigma n`` with ``sigma = sigma_d tan t``, scaled by ``cos t``; in EDM's variables
+    the sCM parameterization is EDM's ``c_skip, c_in`` with ``c_out`` negated and ``c_noise = t``:
+    ``D(x; sigma) = f(cos t x, t)``. ``sigma_d F`` is the predicted PF-ODE velocity ``dx_t/dt``,
+    so a TrigFlow diffusion model trains with ``DenoisingScoreMatching`` (EDM's weighting makes it
+    the v-prediction loss ``||F - (dx_t/dt) / sigma_d||^2``). At ``sigma = 0`` (``t = 0``)
+    ``c_skip`` is exactly 1 and ``c_out`` exactly 0, so ``D(x, 0) == x`` bit for bit.
+
+    Args:
+        net: the raw network ``F(x, c_noise, labels)``.
+        sigma_data: standard deviation of the data, ``sigma_d``.
+        noise_scale: ``c_noise = noise_scale * t``, ``t`` in ``[0, pi/2]``: 1 as the paper
+            (positional embeddings, or Fourier ones with a small scale, see ``cm.networks``).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, noise_scale: float = 1.0) -> None:
+        super().__init__(net, sigma_data)
+        self.noise_scale = noise_scale
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``c_skip = cos^2 t``, ``c_out = -sigma_d sin t``, ``c_in = cos t / sigma_d``, ``t``."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = -sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1 / (sigma**2 + sd2).sqrt()
+        t = trigflow_time(sigma, self.sigma_data)
+        return c_skip, c_out, c_in, self.noise_scale * t
+
+    def flow(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Lu & Song 2024, Eq. 4: ``F_theta(x_t / sigma_d, c_noise(t))``, ``t`` shaped ``[N]``.
+
+        The raw network output in TrigFlow's variables (float32 or float64, like ``x_t``); the
+        sCT/sCD objectives differentiate it with a JVP in ``(x_t, t)``.
+        """
+        x_t = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
+        t = t.to(x_t.dtype).reshape(-1)
+        return self.net(x_t / self.sigma_data, self.noise_scale * t, labels).to(x_t.dtype)
+
+
+def trigflow_time(sigma: Tensor, sigma_data: float) -> Tensor:
+    """Lu & Song 2024, Sec. 2.2: TrigFlow's ``t = arctan(sigma / sigma_d)`` of EDM's ``sigma``."""
+    return torch.atan2(sigma, torch.full_like(sigma, sigma_data))
+
+
+def trigflow_flow(
+    denoiser: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor | None, sigma_data: float
+) -> Tensor:
+    """``F(x_t, t)`` of any denoiser: ``sigma_d F = (cos t x_t - D(x_t / cos t; sigma)) / sin t``.
+
+    Lu & Song 2024, Eq. 4 solved for ``F``: the denoiser's ``f(x_t, t) = D(x_t / cos t; sigma)``
+    in TrigFlow's variables (FastGen's ``TrigFlowPrecond`` wraps EDM networks the same way). A
+    ``TrigFlowPrecond`` gives its network's output directly (no division by ``sin t``).
+    ``x_t`` is ``[N, ...]``, ``t`` is ``[N]`` in ``(0, pi/2)``.
+    """
+    if isinstance(denoiser, TrigFlowPrecond):
+        return denoiser.flow(x_t, t, labels)
+    x_t = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
+    t = t.to(x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
+    cos_t, sin_t = torch.cos(t), torch.sin(t)
+    D_x = denoiser(x_t / cos_t, (sigma_data * torch.tan(t)).flatten(), labels).to(x_t.dtype)
+    return (cos_t * x_t - D_x) / (sigma_data * sin_t)
 
 
 class VPPrecond(nn.Module):
