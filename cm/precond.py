@@ -135,16 +135,6 @@ class TrigFlowPrecond(Preconditioner):
         t = trigflow_time(sigma, self.sigma_data)
         return c_skip, c_out, c_in, self.noise_scale * t
 
-    def flow(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Lu & Song 2024, Eq. 4: ``F_theta(x_t / sigma_d, c_noise(t))``, ``t`` shaped ``[N]``.
-
-        The raw network output in TrigFlow's variables (float32 or float64, like ``x_t``); the
-        sCT/sCD objectives differentiate it with a JVP in ``(x_t, t)``.
-        """
-        x_t = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
-        t = t.to(x_t.dtype).reshape(-1)
-        return self.net(x_t / self.sigma_data, self.noise_scale * t, labels).to(x_t.dtype)
-
 
 def trigflow_time(sigma: Tensor, sigma_data: float) -> Tensor:
     """Lu & Song 2024, Sec. 2.2: TrigFlow's ``t = arctan(sigma / sigma_d)`` of EDM's ``sigma``."""
@@ -157,17 +147,27 @@ def trigflow_flow(
     """``F(x_t, t)`` of any denoiser: ``sigma_d F = (cos t x_t - D(x_t / cos t; sigma)) / sin t``.
 
     Lu & Song 2024, Eq. 4 solved for ``F``: the denoiser's ``f(x_t, t) = D(x_t / cos t; sigma)``
-    in TrigFlow's variables (FastGen's ``TrigFlowPrecond`` wraps EDM networks the same way). A
-    ``TrigFlowPrecond`` gives its network's output directly (no division by ``sin t``).
-    ``x_t`` is ``[N, ...]``, ``t`` is ``[N]`` in ``(0, pi/2)``.
+    with ``sigma = sigma_d tan t``, in TrigFlow's variables (FastGen wraps EDM networks the same
+    way). For a ``Preconditioner`` the division is done on the float64 scalings, not on ``D``:
+    ``F = (cos^2 t - c_skip) / (sigma_d sin t cos t) x_t - c_out / (sigma_d sin t) F_net``, which
+    is exactly ``F_net`` for ``TrigFlowPrecond`` and ``EDMPrecond`` (their ``c_skip = cos^2 t``,
+    ``c_out = -/+ sigma_d sin t``), so no precision is lost at small ``t``. ``x_t`` is
+    ``[N, ...]``, ``t`` is ``[N]`` in ``(0, pi/2)``; the result has ``x_t``'s dtype (at least
+    float32). Differentiable in ``(x_t, t)`` by forward-mode AD (``torch.func.jvp``).
     """
-    if isinstance(denoiser, TrigFlowPrecond):
-        return denoiser.flow(x_t, t, labels)
-    x_t = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
-    t = t.to(x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x_t = x_t.to(dtype)
+    t = t.to(torch.float64).reshape(-1, *[1] * (x_t.ndim - 1))
     cos_t, sin_t = torch.cos(t), torch.sin(t)
-    D_x = denoiser(x_t / cos_t, (sigma_data * torch.tan(t)).flatten(), labels).to(x_t.dtype)
-    return (cos_t * x_t - D_x) / (sigma_data * sin_t)
+    sigma = sigma_data * torch.tan(t)  # float64 [N, 1, 1, 1]
+    if isinstance(denoiser, Preconditioner):
+        c_skip, c_out, c_in, c_noise = denoiser.scalings(sigma)
+        a = (cos_t**2 - c_skip) / (sigma_data * sin_t * cos_t)
+        b = -c_out / (sigma_data * sin_t)
+        F_x = denoiser.net((c_in / cos_t).to(dtype) * x_t, c_noise.flatten().to(dtype), labels)
+        return a.to(dtype) * x_t + b.to(dtype) * F_x.to(dtype)
+    D_x = denoiser((x_t / cos_t.to(dtype)), sigma.flatten().to(dtype), labels).to(dtype)
+    return (cos_t.to(dtype) * x_t - D_x) / (sigma_data * sin_t).to(dtype)
 
 
 class VPPrecond(nn.Module):

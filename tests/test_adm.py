@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import n_params, one_hot
 from torch import nn
 
+from cm.errors import UserError
 from cm.networks import ADMUNet
-from cm.networks.adm import timestep_embedding
+from cm.networks.adm import ResBlock, timestep_embedding
+from cm.networks.norms import pixel_norm
 
 # ImageNet-64 consistency models (CD/CT) and their EDM teacher, openai/consistency_models
 # scripts/launch.sh: --image_size 64 --num_channels 192 --num_res_blocks 3
@@ -186,3 +189,63 @@ def test_constructor_signature_is_a_yaml_schema(tmp_path):
     net = ADMUNet(**vars(parser.parse_args(["--config", str(cfg)]).net))
     assert net.label_dim == 10
     assert net(torch.randn(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, 10)).shape == (1, 1, 8, 8)
+
+
+def resblock_by_hand(block: ResBlock, x: torch.Tensor, emb: torch.Tensor, double: bool):
+    """ADM's ResBlock with AdaGN (Dhariwal & Nichol 2021), optionally with sCM's double norm."""
+
+    def pnorm(v: torch.Tensor) -> torch.Tensor:  # Karras et al. 2018, over channels
+        return v / (v.square().mean(dim=1, keepdim=True) + 1e-8).sqrt()
+
+    h = block.conv0(F.silu(block.norm0(x)))
+    scale, shift = block.affine(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    s, b = (pnorm(1 + scale), pnorm(shift)) if double else (1 + scale, shift)
+    return block.skip(x) + block.conv1(F.silu(block.norm1(h) * s + b))
+
+
+def test_double_norm_is_scm_equation_and_off_is_adagn():
+    # Lu & Song 2024, Sec. 4.1: y = norm(h) * pnorm(s(t)) + pnorm(b(t)); off: ADM's AdaGN.
+    torch.manual_seed(0)
+    x, emb = torch.randn(3, 16, 4, 4), torch.randn(3, 64)
+    off = perturb_zero_init(ResBlock(16, 32, 64, num_groups=8)).eval()
+    on = ResBlock(16, 32, 64, num_groups=8, double_norm=True).eval()
+    assert list(on.state_dict()) == list(off.state_dict())  # no parameter added
+    on.load_state_dict(off.state_dict())
+    with torch.no_grad():
+        assert torch.equal(off(x, emb), resblock_by_hand(off, x, emb, double=False))
+        torch.testing.assert_close(on(x, emb), resblock_by_hand(on, x, emb, double=True))
+        assert not torch.allclose(on(x, emb), off(x, emb))
+    with pytest.raises(UserError, match="use_scale_shift_norm"):
+        ResBlock(16, 32, 64, use_scale_shift_norm=False, double_norm=True)
+
+
+def test_pixel_norm_gives_unit_rms_and_is_scale_invariant():
+    v = torch.randn(4, 32, 1, 1) * torch.tensor([0.1, 1.0, 10.0, 1e4])[:, None, None, None]
+    y = pixel_norm(v)
+    torch.testing.assert_close(y.square().mean(dim=1), torch.ones(4, 1, 1))
+    torch.testing.assert_close(pixel_norm(7.0 * v), y)
+    assert pixel_norm(v.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(pixel_norm(torch.zeros(2, 8)), torch.zeros(2, 8))  # eps keeps it finite
+
+
+def test_double_norm_network_ignores_the_magnitude_of_the_shift():
+    # With double_norm the network sees only the direction of every AdaGN shift b(t) (pnorm);
+    # scaling the shift rows of every affine layer changes ADM's output but not sCM's.
+    def shift_times(net: ADMUNet, factor: float) -> ADMUNet:
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, ResBlock):
+                    half = m.affine.out_features // 2
+                    m.affine.weight[half:] *= factor
+                    m.affine.bias[half:] *= factor
+        return net
+
+    x, c, labels = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 1.2]), one_hot(torch.arange(2), 10)
+    adm = perturb_zero_init(ADMUNet(**TINY, label_dim=10)).eval()
+    scm = ADMUNet(**TINY, label_dim=10, double_norm=True).eval()
+    scm.load_state_dict(adm.state_dict())  # strict: same keys
+    with torch.no_grad():
+        a, s = adm(x, c, labels), scm(x, c, labels)
+        assert not torch.allclose(a, s, atol=1e-4)
+        assert not torch.allclose(shift_times(adm, 5.0)(x, c, labels), a, atol=1e-4)
+        torch.testing.assert_close(shift_times(scm, 5.0)(x, c, labels), s)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fit_args
+from helpers import CONFIGS, QUICKSTART, fit_args
 
 from cm.cli import main
 
@@ -25,12 +25,12 @@ SGD = [
 ]
 
 
-def fit(root: Path, *extra: str) -> dict:
-    """``cm fit`` of the tiny quickstart (flips on, global batch 16, SGD); the final checkpoint."""
+def fit(root: Path, *extra: str, config: Path = QUICKSTART) -> dict:
+    """``cm fit`` of a tiny config (flips on, global batch 16, SGD); the final checkpoint."""
     args = ["--trainer.accelerator=cpu", "--data.init_args.flip=true"]
     args += ["--trainer.callbacks.init_args.final_num=0", *SGD]
     args += ["--model.init_args.optimizer.init_args.momentum=0.9", *extra]
-    main(fit_args(root, *args, steps=STEPS))
+    main(fit_args(root, *args, steps=STEPS, config=config))
     (ckpt,) = root.glob("**/checkpoints/*.ckpt")
     return torch.load(ckpt, weights_only=True)
 
@@ -63,3 +63,15 @@ def test_gradient_accumulation_matches_whole_batch(single, tmp_path):
     # Two half micro-batches per optimizer step: one EMA update per step, with the whole batch.
     accumulated = fit(tmp_path, "--trainer.accumulate_grad_batches=2")
     assert_same_training_state(single, accumulated)
+
+
+def test_sct_two_process_ddp_matches_one_process(tmp_path):
+    # sCT's tangent is a no-grad JVP on the unwrapped denoiser and its gradient pass the ordinary
+    # call: 2 processes must still equal one (weights, EMA, momentum, the weighting head).
+    config = CONFIGS / "sct_digits.yaml"
+    warmup = ["--model.init_args.objective.init_args.tangent_warmup_steps=2"]
+    single = fit(tmp_path / "single", *warmup, config=config)
+    ddp = fit(tmp_path / "ddp", *warmup, "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
+              config=config)  # fmt: skip
+    assert any(k.startswith("objective.weight_head.") for k in single["state_dict"])
+    assert_same_training_state(single, ddp)

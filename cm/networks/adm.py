@@ -32,14 +32,16 @@ from torch import Tensor, nn
 from cm.errors import UserError
 from cm.networks.attention import CrossAttention
 from cm.networks.embeddings import check_resolution, timestep_embedding
+from cm.networks.norms import GroupNorm, pixel_norm
 
 
-def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
+def group_norm(channels: int, num_groups: int = 32) -> GroupNorm:
     """ADM GroupNorm (Dhariwal & Nichol 2021) with ``gcd(num_groups, channels)`` groups.
 
-    For the published widths (multiples of 32) this is OpenAI's ``GroupNorm32(32, channels)``.
+    For the published widths (multiples of 32) this is OpenAI's ``GroupNorm32(32, channels)``,
+    in float32 under autocast like it (``cm.networks.norms.GroupNorm``).
     """
-    return nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
+    return GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -61,6 +63,12 @@ class ResBlock(nn.Module):
     ``resample`` the block also halves (2x2 average pool) or doubles (nearest) the resolution of
     both paths, between ``norm0``/``silu`` and ``conv0`` (BigGAN-style up/down blocks).
 
+    ``double_norm`` is sCM's adaptive double normalization (Lu & Song 2024, Sec. 4.1): AdaGN
+    ``y = norm(h) * s(t) + b(t)`` becomes ``y = norm(h) * pnorm(s(t)) + pnorm(b(t))`` with ADM's
+    ``s(t) = 1 + scale``, ``b(t) = shift`` and ``pnorm`` the pixel normalization over channels
+    (``cm.networks.norms.pixel_norm``): unit-RMS scale and shift whatever the affine output's
+    magnitude, AdaGN's expressiveness without its instability in consistency training.
+
     Args:
         in_channels: input channels.
         out_channels: output channels; a 1x1 skip convolution is added when they differ.
@@ -69,6 +77,7 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: AdaGN ``norm(h) * (1 + scale) + shift`` instead of ``norm(h + emb)``.
         resample: ``"down"``, ``"up"`` or ``"none"``.
         num_groups: maximum number of GroupNorm groups.
+        double_norm: adaptive double normalization (sCM); needs ``use_scale_shift_norm``.
     """
 
     def __init__(
@@ -80,9 +89,13 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool = True,
         resample: Resample = "none",
         num_groups: int = 32,
+        double_norm: bool = False,
     ) -> None:
         super().__init__()
+        if double_norm and not use_scale_shift_norm:
+            raise UserError("double_norm (sCM) normalizes AdaGN: set use_scale_shift_norm")
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.double_norm = double_norm
         self.resample = resample
         # Registration order follows OpenAI's ResBlock (in_layers, emb_layers, out_layers, skip).
         self.norm0 = group_norm(in_channels, num_groups)
@@ -112,7 +125,10 @@ class ResBlock(nn.Module):
         e = self.affine(F.silu(emb))[:, :, None, None].to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.norm1(h) * (1 + scale) + shift
+            s = 1 + scale  # AdaGN's s(t), b(t) = shift
+            if self.double_norm:
+                s, shift = pixel_norm(s), pixel_norm(shift)
+            h = self.norm1(h) * s + shift
         else:
             h = self.norm1(h + e)
         h = self.conv1(self.dropout(F.silu(h)))
@@ -232,7 +248,9 @@ class ADMUNet(nn.Module):
     ImageNet-64 configuration of Song et al. 2023 (``--num_channels 192 --num_res_blocks 3
     --attention_resolutions 32,16,8 --num_head_channels 64 --resblock_updown True
     --use_scale_shift_norm True``, channel_mult ``1,2,3,4``) except ``label_dim``; set
-    ``label_dim: 1000`` for the class-conditional model.
+    ``label_dim: 1000`` for the class-conditional model. For sCM (Lu & Song 2024, Sec. 4.1) wrap
+    it in ``TrigFlowPrecond`` (``c_noise = t``, so this sinusoidal embedding is the positional one
+    with frequencies at most 1 that the paper asks for) and set ``double_norm: true``.
 
     Args:
         img_resolution: training image resolution; ``attention_resolutions`` refer to it. The
@@ -257,6 +275,8 @@ class ADMUNet(nn.Module):
         context_dim: width of text-token context ``[N, L, context_dim]`` passed as 3-D
             ``labels``; every attention block then also cross-attends to it (Rombach et al.
             2022). 0 = no cross-attention.
+        double_norm: sCM's AdaGN ``norm(h) * pnorm(s(t)) + pnorm(b(t))`` in every residual
+            block (Lu & Song 2024, Sec. 4.1; see ``ResBlock``); needs ``use_scale_shift_norm``.
     """
 
     def __init__(
@@ -277,6 +297,7 @@ class ADMUNet(nn.Module):
         conv_resample: bool = True,
         num_groups: int = 32,
         context_dim: int = 0,
+        double_norm: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(img_resolution, channel_mult)
@@ -289,7 +310,9 @@ class ADMUNet(nn.Module):
         emb_ch = 4 * model_channels
 
         def res_block(cin: int, cout: int, resample: Resample = "none") -> ResBlock:
-            return ResBlock(cin, cout, emb_ch, dropout, use_scale_shift_norm, resample, num_groups)
+            return ResBlock(
+                cin, cout, emb_ch, dropout, use_scale_shift_norm, resample, num_groups, double_norm
+            )
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, num_heads, num_head_channels, num_groups, context_dim)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm.errors import UserError
+from cm.networks.norms import GroupNorm
 
 
 class CrossAttention(nn.Module):
@@ -35,7 +36,7 @@ class CrossAttention(nn.Module):
         if channels % num_heads:
             raise UserError(f"{channels} channels not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
+        self.norm = GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
         self.context_norm = nn.LayerNorm(context_dim)
         self.q = nn.Conv2d(channels, channels, 1)
         self.kv = nn.Linear(context_dim, 2 * channels)

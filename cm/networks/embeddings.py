@@ -21,6 +21,11 @@ def check_resolution(img_resolution: int, channel_mult: Sequence[int]) -> None:
         )
 
 
+def _embedding_dtype(c_noise: Tensor) -> torch.dtype:
+    """float32 for float32 and lower ``c_noise`` (also under bf16 autocast), float64 for float64."""
+    return torch.promote_types(c_noise.dtype, torch.float32)
+
+
 def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of ``c_noise`` (Dhariwal & Nichol 2021; Vaswani et al. 2017, Sec. 3.5).
 
@@ -33,12 +38,14 @@ def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -
         max_period: the lowest frequency is ``1 / max_period``.
 
     Returns:
-        ``[N, dim]`` float32 embedding.
+        ``[N, dim]`` embedding in float32 (float64 for float64 ``c_noise``, so that float64
+        tests of derivatives in ``c_noise`` see float64 precision).
     """
     half = dim // 2
     i = torch.arange(half, dtype=torch.float32, device=c_noise.device)
     freqs = torch.exp(-math.log(max_period) * i / half)
-    args = c_noise.to(torch.float32)[:, None] * freqs[None]
+    c_noise = c_noise.to(_embedding_dtype(c_noise))
+    args = c_noise[:, None] * freqs.to(c_noise.dtype)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
@@ -60,7 +67,8 @@ class PositionalEmbedding(nn.Module):
         half = self.num_channels // 2
         i = torch.arange(half, dtype=torch.float32, device=c_noise.device)
         freqs = (1 / self.max_positions) ** (i / (half - 1))
-        x = torch.outer(c_noise.to(torch.float32), freqs)
+        c_noise = c_noise.to(_embedding_dtype(c_noise))
+        x = torch.outer(c_noise, freqs.to(c_noise.dtype))
         return torch.cat([x.sin(), x.cos()], dim=1)
 
 
@@ -77,5 +85,6 @@ class FourierEmbedding(nn.Module):
 
     def forward(self, c_noise: Tensor) -> Tensor:
         """Embed ``c_noise`` ``[N]`` as ``[N, num_channels]``."""
-        x = torch.outer(c_noise.to(torch.float32), 2 * math.pi * self.freqs.to(torch.float32))
+        c_noise = c_noise.to(_embedding_dtype(c_noise))
+        x = torch.outer(c_noise, 2 * math.pi * self.freqs.to(c_noise.dtype))
         return torch.cat([x.sin(), x.cos()], dim=1)

@@ -17,6 +17,11 @@ from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
 from cm.objectives.distillation import ConsistencyDistillation
 from cm.objectives.elatentlpips import ELatentLPIPS
 from cm.objectives.progressive import ProgressiveDistillation
+from cm.objectives.scm import (
+    ContinuousConsistency,
+    ContinuousConsistencyDistillation,
+    ContinuousConsistencyTraining,
+)
 
 __all__ = [
     "AMEDDistillation",
@@ -25,6 +30,9 @@ __all__ = [
     "ConsistencyDistillation",
     "ConsistencyObjective",
     "ConsistencyTraining",
+    "ContinuousConsistency",
+    "ContinuousConsistencyDistillation",
+    "ContinuousConsistencyTraining",
     "DDPMLoss",
     "DenoisingScoreMatching",
     "ELatentLPIPS",

@@ -136,6 +136,10 @@ class Objective(nn.Module):
         """Held-out scalars (``cm validate``/``cm test``); by default the mean loss."""
         return {"loss": self(denoiser, x0, labels, step, total_steps).mean()}
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the objective that train with the denoiser (sCM's weighting head)."""
+        return []
+
     def after_optimizer_step(self, denoiser: nn.Module, step: int, total_steps: int) -> None:
         """Update internal state (e.g. the target EMA) after the optimizer stepped at ``step``."""
 
@@ -182,21 +186,21 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
     if s_noise is not None and t_noise is not None and not torch.allclose(s_noise, t_noise):
         raise UserError(
             f"The student's preconditioner ({type(student).__name__}) feeds the network "
-            f"another c_noise than the teacher's ({type(_module(teacher)).__name__}): "
+            f"another c_noise than the teacher's ({type(unwrap_denoiser(teacher)).__name__}): "
             "give the student a preconditioner with the teacher's noise conditioning, or "
             "do not initialise it from the teacher."
         )
     copy_net_weights(student, teacher)
 
 
-def _module(denoiser: nn.Module) -> nn.Module:
+def unwrap_denoiser(denoiser: nn.Module) -> nn.Module:
     """The denoiser behind a ``PretrainedDenoiser`` (its ``module``), else itself."""
     return getattr(denoiser, "module", denoiser)
 
 
 def _c_noise(denoiser: nn.Module, sigma: Tensor) -> Tensor | None:
     """What a preconditioner feeds its network at ``sigma`` (``[N]``); None when unknown."""
-    denoiser = _module(denoiser)
+    denoiser = unwrap_denoiser(denoiser)
     if hasattr(denoiser, "scalings"):  # EDM-style: c_noise = noise_scale * ln(sigma)
         return denoiser.scalings(sigma.view(-1, 1, 1, 1))[3].flatten().float()
     if hasattr(denoiser, "timestep"):  # discrete DDPM: the nearest trained timestep

@@ -27,7 +27,8 @@ class DenoiserModule(GenerativeModule):
     Args:
         denoiser: the trained denoiser, e.g. ``cm.precond.ConsistencyPrecond`` around a network.
         objective: the loss, e.g. ``cm.objectives.ConsistencyTraining``.
-        optimizer: optimizer factory taking the denoiser's parameters.
+        optimizer: optimizer factory taking the denoiser's parameters (and the objective's
+            ``trainable_parameters``, e.g. sCM's adaptive weighting head).
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         ema: evaluation EMA; None samples with the online weights.
         sampler: how samples are drawn (solver, steps) by callbacks, ``predict`` and ``cm sample``.
@@ -61,7 +62,9 @@ class DenoiserModule(GenerativeModule):
         self._batch_size = 0
 
     def configure_optimizers(self):  # noqa: D102 - Lightning hook
-        optimizer = self.optimizer_factory(self.denoiser.parameters())
+        # The objective's own trainable parameters (sCM's adaptive weighting) train alongside.
+        params = [*self.denoiser.parameters(), *self.objective.trainable_parameters()]
+        optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
