@@ -220,3 +220,41 @@ def time_uniform_sigmas(
     t = (1 + ramp * (eps_s ** (1 / rho) - 1)) ** rho
     sigmas = torch.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt()
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+class InverseSqrtLR(torch.optim.lr_scheduler.LRScheduler):
+    """Karras et al. 2024 (EDM2), Eq. 67: ``lr = lr_ref / sqrt(max(k / t_ref, 1))``, optional ramp.
+
+    sCM trains with it (Lu & Song 2024, ImageNet settings: ``t_ref`` 35000; FastGen's
+    ``LambdaInverseSquareRootScheduler``); step it every optimizer step (``DenoiserModule`` does).
+
+    Args:
+        optimizer: the optimizer whose ``lr`` is ``lr_ref``.
+        decay_steps: ``t_ref``, the step after which the rate decays as ``1 / sqrt(k)``.
+        warmup_steps: linear ramp-up from 0 over this many steps (EDM2's ``rampup``); 0: none.
+        last_epoch: the step to resume from (-1: start); Lightning restores it from checkpoints.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        decay_steps: int = 35000,
+        warmup_steps: int = 0,
+        last_epoch: int = -1,
+    ) -> None:
+        if decay_steps < 0 or warmup_steps < 0:
+            raise UserError("InverseSqrtLR needs decay_steps >= 0 and warmup_steps >= 0.")
+        self.decay_steps, self.warmup_steps = decay_steps, warmup_steps
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """``lr / lr_ref`` at optimizer step ``step``."""
+        factor = 1.0
+        if self.decay_steps > 0:
+            factor /= math.sqrt(max(step / self.decay_steps, 1.0))
+        if self.warmup_steps > 0:
+            factor *= min(step / self.warmup_steps, 1.0)
+        return factor
+
+    def get_lr(self) -> list[float]:  # noqa: D102 - torch's hook
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]

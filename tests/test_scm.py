@@ -239,3 +239,33 @@ def test_bad_arguments_are_one_error(bad):
 
     with pytest.raises(UserError, match="init_args"):
         ContinuousConsistencyTraining(**bad)
+
+
+def test_float32_tangent_under_bf16_autocast():
+    # FastGen's precision_amp_jvp: the tangent pass leaves autocast, the gradient pass keeps it.
+    torch.manual_seed(0)
+    model = TrigFlowPrecond(randomized(tiny_adm(label_dim=0)).float(), SIGMA_D)
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 1.0], dtype=torch.float64)
+    v = torch.randn(2, 1, 8, 8)
+    exact = ContinuousConsistencyTraining().flow_tangent(model, x_t, t, v, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = ContinuousConsistencyTraining(tangent_precision="float32")
+        low = ContinuousConsistencyTraining().flow_tangent(model, x_t, t, v, None)
+        torch.testing.assert_close(full.flow_tangent(model, x_t, t, v, None), exact)
+    assert (low - exact).abs().max() > 1e-4  # bf16 really was used otherwise
+
+
+def test_inverse_sqrt_lr_is_edm2_schedule():
+    from cm.schedules import InverseSqrtLR
+
+    p = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=7e-5)
+    schedule = InverseSqrtLR(optimizer, decay_steps=4, warmup_steps=2)
+    lrs = []
+    for _ in range(17):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [7e-5 * min(k / 2, 1) / math.sqrt(max(k / 4, 1)) for k in range(17)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[16] == pytest.approx(7e-5 / 2)  # k = 4 t_ref: half the rate
