@@ -130,9 +130,12 @@ def captions(tmp_path_factory):
 def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
     """What a config needs beyond the overlay: its teacher, pairs or captions; small data."""
     match config:
-        case "cd_digits.yaml" | "pd_digits.yaml":
+        case "cd_digits.yaml" | "pd_digits.yaml" | "scd_digits.yaml":
             export = request.getfixturevalue("teacher")[1]
             return [f"--model.init_args.objective.init_args.teacher.init_args.path={export}"]
+        case "ect_digits.yaml":
+            export = request.getfixturevalue("teacher")[1]
+            return [f"--model.init_args.objective.init_args.init_from.init_args.path={export}"]
         case "amed_digits.yaml":
             return [
                 f"--model.init_args.denoiser.init_args.path={request.getfixturevalue('teacher')[0]}",
@@ -141,7 +144,7 @@ def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
             ]
         case "amed_mixture.yaml":
             return ["--data.init_args.num=32", "--data.init_args.batch_size=8"]
-        case "cd_mixture.yaml":
+        case "cd_mixture.yaml" | "scd_mixture.yaml":
             return ["--data.init_args.dataset.init_args.num_samples=64"]
         case "d2g_digits.yaml":
             # G and D start from the narrow teacher; R1 at every step, also after the resume.
@@ -175,6 +178,10 @@ CONFIGS = [
     "amed_digits.yaml",
     "d2g_digits.yaml",  # on ODE pairs from cm predict (PairDataModule)
     "edm_digits_text.yaml",  # a captioned folder through a tiny open_clip text encoder
+    "sct_digits.yaml",  # sCM: the adaptive weighting head's parameters and moments too
+    "scd_digits.yaml",
+    "scd_mixture.yaml",
+    "ect_digits.yaml",  # ECT's stage is a function of the step
 ]
 
 

@@ -15,6 +15,7 @@ from cm.objectives.diffusion2gan import (
 )
 from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
 from cm.objectives.distillation import ConsistencyDistillation
+from cm.objectives.ect import ConsistencyTuning
 from cm.objectives.elatentlpips import ELatentLPIPS
 from cm.objectives.progressive import ProgressiveDistillation
 from cm.objectives.scm import (
@@ -30,6 +31,7 @@ __all__ = [
     "ConsistencyDistillation",
     "ConsistencyObjective",
     "ConsistencyTraining",
+    "ConsistencyTuning",
     "ContinuousConsistency",
     "ContinuousConsistencyDistillation",
     "ContinuousConsistencyTraining",
