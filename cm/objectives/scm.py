@@ -14,7 +14,7 @@ against ``cm.oracle``'s closed-form Gaussian PF-ODE.
 
 import contextlib
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -248,41 +248,16 @@ class ContinuousConsistencyTraining(ContinuousConsistency):
         init_from: a denoiser whose network starts the model (e.g. a TrigFlow diffusion model as
             a ``cm.teacher.PretrainedDenoiser``); None trains from scratch. Used once, at the
             first ``bind``, and not saved in checkpoints.
-        p_mean: mean of ``tau``, see ``ContinuousConsistency``.
-        p_std: standard deviation of ``tau``.
-        sigma_data: ``sigma_d``.
-        tangent_warmup_steps: ``H`` of the tangent warm-up.
-        tangent_norm_c: ``c`` of the tangent normalisation; negative disables it.
-        tangent_norm: ``"rms"`` or ``"l2"``.
-        prior_weighting: the ``1 / (sigma_d tan t)`` prior weighting.
-        adaptive_weighting: learn ``logvar(t)``.
-        weighting_channels: Fourier features of the weighting head.
-        tangent: ``"jvp"`` or ``"finite_difference"``.
-        epsilon: finite-difference step.
-        tangent_precision: ``"autocast"`` or ``"float32"`` for the tangent pass.
+        **kwargs: the loss's options (``p_mean``, ``p_std``, ``tangent_warmup_steps``, ...), see
+            ``ContinuousConsistency``.
     """
 
     def __init__(
         self,
         init_from: nn.Module | None = None,
-        p_mean: float = -1.0,
-        p_std: float = 1.4,
-        sigma_data: float = 0.5,
-        tangent_warmup_steps: int = 10000,
-        tangent_norm_c: float = 0.1,
-        tangent_norm: TangentNorm = "rms",
-        prior_weighting: bool = True,
-        adaptive_weighting: bool = True,
-        weighting_channels: int = 128,
-        tangent: Tangent = "jvp",
-        epsilon: float = 1e-3,
-        tangent_precision: TangentPrecision = "autocast",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            p_mean, p_std, sigma_data, tangent_warmup_steps, tangent_norm_c, tangent_norm,
-            prior_weighting, adaptive_weighting, weighting_channels, tangent, epsilon,
-            tangent_precision,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         # A plain list: nn.Module would register it (checkpoints, DDP buckets, .to()).
         self._init_from = [init_from] if init_from is not None else []
 
@@ -308,18 +283,8 @@ class ContinuousConsistencyDistillation(ContinuousConsistency):
         guidance_scale: classifier-free guidance scale of the teacher (1: none).
         init_from_teacher: copy the teacher's network into the student (same architecture and
             noise conditioning required).
-        p_mean: mean of ``tau``, see ``ContinuousConsistency``.
-        p_std: standard deviation of ``tau``.
-        sigma_data: ``sigma_d``.
-        tangent_warmup_steps: ``H`` of the tangent warm-up.
-        tangent_norm_c: ``c`` of the tangent normalisation; negative disables it.
-        tangent_norm: ``"rms"`` or ``"l2"``.
-        prior_weighting: the ``1 / (sigma_d tan t)`` prior weighting.
-        adaptive_weighting: learn ``logvar(t)``.
-        weighting_channels: Fourier features of the weighting head.
-        tangent: ``"jvp"`` or ``"finite_difference"``.
-        epsilon: finite-difference step.
-        tangent_precision: ``"autocast"`` or ``"float32"`` for the tangent pass.
+        **kwargs: the loss's options (``p_mean``, ``p_std``, ``tangent_warmup_steps``, ...), see
+            ``ContinuousConsistency``.
     """
 
     def __init__(
@@ -327,24 +292,9 @@ class ContinuousConsistencyDistillation(ContinuousConsistency):
         teacher: nn.Module,
         guidance_scale: float = 1.0,
         init_from_teacher: bool = True,
-        p_mean: float = -1.0,
-        p_std: float = 1.4,
-        sigma_data: float = 0.5,
-        tangent_warmup_steps: int = 10000,
-        tangent_norm_c: float = 0.1,
-        tangent_norm: TangentNorm = "rms",
-        prior_weighting: bool = True,
-        adaptive_weighting: bool = True,
-        weighting_channels: int = 128,
-        tangent: Tangent = "jvp",
-        epsilon: float = 1e-3,
-        tangent_precision: TangentPrecision = "autocast",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            p_mean, p_std, sigma_data, tangent_warmup_steps, tangent_norm_c, tangent_norm,
-            prior_weighting, adaptive_weighting, weighting_channels, tangent, epsilon,
-            tangent_precision,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         self.teacher = teacher.requires_grad_(False).eval()
         self.guidance_scale, self.init_from_teacher = guidance_scale, init_from_teacher
         self._bound = False
