@@ -269,3 +269,24 @@ def test_inverse_sqrt_lr_is_edm2_schedule():
     expected = [7e-5 * min(k / 2, 1) / math.sqrt(max(k / 4, 1)) for k in range(17)]
     assert lrs == pytest.approx(expected, rel=1e-12)
     assert lrs[16] == pytest.approx(7e-5 / 2)  # k = 4 t_ref: half the rate
+
+
+def test_dsm_on_trigflow_is_the_v_prediction_loss():
+    # EDM's lambda(sigma) = 1 / c_out^2: DSM on TrigFlowPrecond is ||F - (dx_t/dt) / sigma_d||^2.
+    from cm.objectives import DenoisingScoreMatching
+
+    torch.manual_seed(0)
+    model = TrigFlowPrecond(randomized(tiny_adm(label_dim=0)), SIGMA_D)
+    x0 = torch.randn(4, 1, 8, 8, dtype=torch.float64) * SIGMA_D
+    dsm = DenoisingScoreMatching(sigma_data=SIGMA_D)
+    dsm.draws.set(7, 0, 4)
+    loss = dsm(model, x0, None, step=0, total_steps=1)
+    draws = SampleDraws()
+    draws.set(7, 0, 4)
+    sigma = (draws.randn(4) * dsm.p_std + dsm.p_mean).exp().double()
+    z = SIGMA_D * draws.randn_like(x0)
+    t = torch.atan(sigma / SIGMA_D)
+    c = t.view(-1, 1, 1, 1)
+    x_t, v = torch.cos(c) * x0 + torch.sin(c) * z, torch.cos(c) * z - torch.sin(c) * x0
+    F = trigflow_flow(model, x_t, t, None, SIGMA_D)
+    torch.testing.assert_close(loss, (F - v / SIGMA_D).pow(2).flatten(1).mean(1), rtol=1e-5, atol=0)
