@@ -23,15 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cm.errors import UserError
 from cm.objectives.base import Objective, init_from_teacher, unwrap_denoiser
 from cm.precond import trigflow_flow
+from cm.solvers.rk import column
 
 Tangent = Literal["jvp", "finite_difference"]
 TangentNorm = Literal["rms", "l2"]
 TangentPrecision = Literal["autocast", "float32"]
-
-
-def _column(v: Tensor, x: Tensor) -> Tensor:
-    """``[N]`` -> ``[N, 1, ...]`` broadcastable on ``x``, in ``x``'s dtype."""
-    return v.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
 
 
 class AdaptiveWeight(nn.Module):
@@ -147,7 +143,7 @@ class ContinuousConsistency(Objective):
     ) -> Tensor:
         """``cos t sin t dF-/dt`` ``[N, ...]``: Eq. 8's rearranged JVP (or a central difference)."""
         v_t = (torch.cos(t) * torch.sin(t)).to(torch.float64)  # [N]
-        v_x = _column(v_t, x_t) * dxt_dt
+        v_x = column(v_t, x_t) * dxt_dt
 
         def F(x: Tensor, time: Tensor) -> Tensor:
             return self.flow(denoiser, x, time, labels)
@@ -188,7 +184,7 @@ class ContinuousConsistency(Objective):
 
         ``dF`` is the rearranged ``cos t sin t dF-/dt``; unnormalised, ``g = cos t df-/dt``.
         """
-        cos_t, sin_t = _column(torch.cos(t), x_t), _column(torch.sin(t), x_t)
+        cos_t, sin_t = column(torch.cos(t), x_t), column(torch.sin(t), x_t)
         sd = self.sigma_data
         return -(cos_t**2) * (sd * F_minus - dxt_dt) - r * (cos_t * sin_t * x_t + sd * dF)
 
@@ -199,7 +195,7 @@ class ContinuousConsistency(Objective):
         norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
         if self.tangent_norm == "rms":
             norm = norm / math.sqrt(g[0].numel())
-        return g / _column(norm + self.tangent_norm_c, g)
+        return g / column(norm + self.tangent_norm_c, g)
 
     def warmup(self, step: int) -> float:
         """Sec. 4.2: the tangent warm-up ``r = min(1, step / H)``."""
@@ -215,7 +211,7 @@ class ContinuousConsistency(Objective):
         x0 = x0.to(dtype)
         t = self.sample_t(x0.shape[0], x0.device)  # float64 [N]
         z = self.draws.randn_like(x0) * self.sigma_data
-        cos_t, sin_t = _column(torch.cos(t), x0), _column(torch.sin(t), x0)
+        cos_t, sin_t = column(torch.cos(t), x0), column(torch.sin(t), x0)
         x_t = cos_t * x0 + sin_t * z
         dxt_dt = self.velocity(x0, z, x_t, t, labels).to(dtype)
         devices = [x0.device] if x0.device.type == "cuda" else []
@@ -268,7 +264,7 @@ class ContinuousConsistencyTraining(ContinuousConsistency):
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None):
         """sCT: ``dx_t/dt = cos t z - sin t x0`` (Lu & Song 2024, Eq. 6 with ``x0`` known)."""
-        return _column(torch.cos(t), x0) * z - _column(torch.sin(t), x0) * x0
+        return column(torch.cos(t), x0) * z - column(torch.sin(t), x0) * x0
 
 
 class ContinuousConsistencyDistillation(ContinuousConsistency):
