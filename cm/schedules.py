@@ -151,7 +151,7 @@ def cosine_sigmas(num_steps: int, sigma_max: float = 80.0) -> Tensor:
     return torch.tan(i / num_steps * math.atan(sigma_max))
 
 
-Schedule = Literal["karras", "logsnr", "time_uniform"]
+Schedule = Literal["karras", "logsnr", "time_uniform", "flow"]
 
 
 def schedule_sigmas(
@@ -169,7 +169,26 @@ def schedule_sigmas(
             return logsnr_sigmas(num_steps, sigma_min, sigma_max)
         case "time_uniform":
             return time_uniform_sigmas(num_steps, sigma_min, sigma_max)
-    raise UserError(f"Unknown schedule {schedule!r}: use karras, logsnr or time_uniform.")
+        case "flow":
+            return flow_uniform_sigmas(num_steps, sigma_max)
+    raise UserError(f"Unknown schedule {schedule!r}: use karras, logsnr, time_uniform or flow.")
+
+
+def flow_uniform_sigmas(num_steps: int, sigma_max: float = 1e6) -> Tensor:
+    """Geng et al. 2025, Sec. 4: ``num_steps`` flow-matching times uniform in ``[0, t_max]``.
+
+    ``t_i = t_max (1 - i / num_steps)`` with ``t_max = sigma_max / (1 + sigma_max)`` (MeanFlow's
+    1-NFE ``t = 1 -> 0`` and 2-NFE ``1 -> 0.5 -> 0``; ``t = 1`` itself is ``sigma = inf``, so the
+    default ``sigma_max = 1e6`` is ``t = 1 - 1e-6``), mapped to ``sigma = t / (1 - t)``; the last
+    value is 0.
+    """
+    if num_steps < 1:
+        raise UserError(f"flow_uniform_sigmas needs num_steps >= 1, got {num_steps}.")
+    i = torch.arange(num_steps + 1, dtype=torch.float64)
+    # sigma = t / (1 - t) with 1 - t = 1 - t_max + t_max i / n, written without cancellation.
+    one_minus_t_max = 1 / (1 + sigma_max)
+    t = (1 - one_minus_t_max) * (1 - i / num_steps)
+    return t / (one_minus_t_max + (1 - one_minus_t_max) * i / num_steps)
 
 
 # diff-sampler's name for EDM's grid (``schedule_type="polynomial"``): the same function.

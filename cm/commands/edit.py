@@ -42,6 +42,7 @@ from cm.protocols import image_spec
 from cm.sample import import_solver, sampler_from
 from cm.sample_files import to_uint8
 from cm.solvers.consistency import multistep, onestep
+from cm.solvers.flowmap import flowmap
 from cm.solvers.sampling import SeededNoise
 
 Task = Literal["inpaint", "colorize", "superres", "sdedit", "denoise", "interpolate"]
@@ -148,7 +149,8 @@ def main(args: Sequence[str]) -> Path:
 
     sampler = sampler_from(hparams.get("sampler"))
     solver = import_solver(cfg.solver, cfg.trust_config) if cfg.solver else sampler.solver
-    solver = multistep if solver is onestep else solver  # Alg. 4 re-noises between steps
+    # Alg. 4 re-noises between steps; a flow map edits as its denoiser D(x, s) = Phi(x, s, 0).
+    solver = multistep if solver in (onestep, flowmap) else solver
     if cfg.steps is not None:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
     if cfg.sigmas is not None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from cm.errors import UserError
 from cm.networks.attention import CrossAttention
-from cm.networks.embeddings import check_resolution, timestep_embedding
+from cm.networks.embeddings import check_resolution, second_time_embedding, timestep_embedding
 from cm.networks.norms import GroupNorm, pixel_norm
 
 
@@ -277,6 +277,9 @@ class ADMUNet(nn.Module):
             2022). 0 = no cross-attention.
         double_norm: sCM's AdaGN ``norm(h) * pnorm(s(t)) + pnorm(b(t))`` in every residual
             block (Lu & Song 2024, Sec. 4.1; see ``ResBlock``); needs ``use_scale_shift_norm``.
+        second_time: embed a second time input ``c_noise_to`` (a flow map's ``t - r`` or ``r``,
+            ``cm.flowmap``) with its own MLP added to the time embedding; its last layer starts
+            at zero, so a diffusion checkpoint loads (non-strictly) into the same function.
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class ADMUNet(nn.Module):
         num_groups: int = 32,
         context_dim: int = 0,
         double_norm: bool = False,
+        second_time: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(img_resolution, channel_mult)
@@ -320,6 +324,11 @@ class ADMUNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
         )
+        self.time_embed_to = None
+        if second_time:
+            self.time_embed_to = nn.Sequential(
+                nn.Linear(model_channels, emb_ch), nn.SiLU(), zero_init(nn.Linear(emb_ch, emb_ch))
+            )
         self.label_embed = None
         if label_dim:
             # One-hot labels through a bias-free Linear == nn.Embedding; N(0, 1) init like it.
@@ -366,7 +375,13 @@ class ADMUNet(nn.Module):
         self.out_norm = group_norm(ch, num_groups)
         self.out_conv = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        labels: Tensor | None = None,
+        c_noise_to: Tensor | None = None,
+    ) -> Tensor:
         """Predict ``[N, out_channels, H, W]`` from ``x`` ``[N, C, H, W]`` and ``c_noise`` ``[N]``.
 
         Args:
@@ -375,9 +390,11 @@ class ADMUNet(nn.Module):
             labels: one-hot (or soft) class labels ``[N, label_dim]``; ``None`` or all-zero rows
                 give no class embedding. Ignored when ``label_dim == 0``. With ``context_dim``,
                 text-token context ``[N, L, context_dim]`` for the cross-attention instead.
+            c_noise_to: the second time input ``[N]`` of a flow map (``second_time``); None is 0.
         """
         c_noise = c_noise.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(c_noise, self.model_channels))
+        emb = emb + second_time_embedding(self.time_embed_to, c_noise_to, c_noise, x.shape[0])
         context = None
         if labels is not None and labels.ndim == 3:
             if labels.shape[-1] != self.context_dim:

@@ -88,3 +88,18 @@ class FourierEmbedding(nn.Module):
         c_noise = c_noise.to(_embedding_dtype(c_noise))
         x = torch.outer(c_noise, 2 * math.pi * self.freqs.to(c_noise.dtype))
         return torch.cat([x.sin(), x.cos()], dim=1)
+
+
+def second_time_embedding(
+    embed: nn.Module | None, c_noise_to: Tensor | None, c_noise: Tensor, n: int
+) -> Tensor | float:
+    """The flow-map time's embedding (``cm.flowmap``), or 0 without one; ``[N, emb]``."""
+    if embed is None:
+        if c_noise_to is not None:
+            raise UserError(
+                "A second time input (c_noise_to) was given to a network built without one: "
+                "set the network's second_time: true for a flow map."
+            )
+        return 0.0
+    c_noise_to = c_noise.new_zeros(n) if c_noise_to is None else c_noise_to.reshape(-1).expand(n)
+    return embed(timestep_embedding(c_noise_to, embed[0].in_features))

@@ -89,6 +89,9 @@ class NCSNpp(nn.Module):
             (NCSN++'s strided-conv input path).
         decoder_type: ``standard`` or ``skip`` (an output head at every level, summed up).
         resample_filter: FIR taps for up/down-sampling, ``[1, 1]`` (DDPM++) or ``[1, 3, 3, 1]``.
+        second_time: embed a second time input ``c_noise_to`` (a flow map's ``t - r``,
+            ``cm.flowmap``) with the same ``map_noise``, read by ``map_layer0`` beside the first
+            as py-meanflow's ``[emb(t), emb(h)]`` (Geng et al. 2025; xavier over both halves).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class NCSNpp(nn.Module):
         encoder_type: EncoderType = "standard",
         decoder_type: DecoderType = "standard",
         resample_filter: Sequence[int] = (1, 1),
+        second_time: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(img_resolution, channel_mult)
@@ -134,6 +138,13 @@ class NCSNpp(nn.Module):
         self.map_label = xavier(nn.Linear(label_dim, noise_ch)) if label_dim else None
         self.map_layer0 = xavier(nn.Linear(noise_ch, emb_ch))
         self.map_layer1 = xavier(nn.Linear(emb_ch, emb_ch))
+        self.map_layer0_to = None
+        if second_time:  # py-meanflow: map_layer0 reads [emb(t), emb(h)], xavier over both
+            joint = xavier(nn.Linear(2 * noise_ch, emb_ch))
+            self.map_layer0_to = nn.Linear(noise_ch, emb_ch, bias=False)
+            with torch.no_grad():
+                self.map_layer0.weight.copy_(joint.weight[:, :noise_ch])
+                self.map_layer0_to.weight.copy_(joint.weight[:, noise_ch:])
 
         # Encoder: the input conv and every block/down block produce one skip.
         self.enc_in = conv(in_channels, model_channels, 3)
@@ -183,7 +194,13 @@ class NCSNpp(nn.Module):
                     raise UserError(f"unknown decoder_type {decoder_type!r}")
             self.dec.append(Level(entry, blocks, head=head))
 
-    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        labels: Tensor | None = None,
+        c_noise_to: Tensor | None = None,
+    ) -> Tensor:
         """Predict ``[N, out_channels, H, W]`` from ``x`` ``[N, C, H, W]`` and ``c_noise`` ``[N]``.
 
         Args:
@@ -191,6 +208,7 @@ class NCSNpp(nn.Module):
             c_noise: noise conditioning, one float per sample (a scalar broadcasts).
             labels: one-hot (or soft) class labels ``[N, label_dim]``; ``None`` means all-zero
                 rows (no class, as EDM). Ignored when ``label_dim == 0``.
+            c_noise_to: the second time input ``[N]`` of a flow map (``second_time``); None is 0.
         """
         c_noise = c_noise.reshape(-1).expand(x.shape[0])
         emb = self.map_noise(c_noise).to(x.dtype)
@@ -199,7 +217,16 @@ class NCSNpp(nn.Module):
                 labels = x.new_zeros(x.shape[0], self.label_dim)
             # One-hot rows scaled to unit variance per entry, as EDM.
             emb = emb + self.map_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        pre = self.map_layer0(emb)
+        if self.map_layer0_to is not None:
+            c_noise_to = c_noise.new_zeros(x.shape[0]) if c_noise_to is None else c_noise_to
+            pre = pre + self.map_layer0_to(self.map_noise(c_noise_to.reshape(-1)).to(x.dtype))
+        elif c_noise_to is not None:
+            raise UserError(
+                "A second time input (c_noise_to) was given to a network built without one: "
+                "set the network's second_time: true for a flow map."
+            )
+        emb = F.silu(self.map_layer1(F.silu(pre)))
 
         h = self.enc_in(x)
         skips = [h]

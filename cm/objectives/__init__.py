@@ -17,6 +17,7 @@ from cm.objectives.distances import L1, LPIPS, PseudoHuber, SquaredL2
 from cm.objectives.distillation import ConsistencyDistillation
 from cm.objectives.ect import ConsistencyTuning
 from cm.objectives.elatentlpips import ELatentLPIPS
+from cm.objectives.meanflow import MeanFlow
 from cm.objectives.progressive import ProgressiveDistillation
 from cm.objectives.scm import (
     ContinuousConsistency,
@@ -38,6 +39,7 @@ __all__ = [
     "DDPMLoss",
     "DenoisingScoreMatching",
     "ELatentLPIPS",
+    "MeanFlow",
     "Objective",
     "ProgressiveDistillation",
     "PseudoHuber",

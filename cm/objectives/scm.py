@@ -12,22 +12,19 @@ tangent warm-up ``r``), normalised to ``g / (||g|| + c)``, and the loss
 against ``cm.oracle``'s closed-form Gaussian PF-ODE.
 """
 
-import contextlib
 import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm.errors import UserError
 from cm.objectives.base import Objective, init_from_teacher, unwrap_denoiser
+from cm.objectives.jvp import Tangent, TangentPrecision, tangent
 from cm.precond import trigflow_flow
 from cm.solvers.rk import column
 
-Tangent = Literal["jvp", "finite_difference"]
 TangentNorm = Literal["rms", "l2"]
-TangentPrecision = Literal["autocast", "float32"]
 
 
 class AdaptiveWeight(nn.Module):
@@ -137,7 +134,6 @@ class ContinuousConsistency(Objective):
         """``F_theta(x_t, t)`` of the trained denoiser (``cm.precond.trigflow_flow``)."""
         return trigflow_flow(denoiser, x_t, t, labels, self.sigma_data)
 
-    @torch.no_grad()
     def flow_tangent(
         self, denoiser: nn.Module, x_t: Tensor, t: Tensor, dxt_dt: Tensor, labels: Tensor | None
     ) -> Tensor:
@@ -148,28 +144,8 @@ class ContinuousConsistency(Objective):
         def F(x: Tensor, time: Tensor) -> Tensor:
             return self.flow(denoiser, x, time, labels)
 
-        precision = (
-            torch.autocast(x_t.device.type, enabled=False)
-            if self.tangent_precision == "float32"
-            else contextlib.nullcontext()  # whatever autocast the training step runs under
-        )
-        with sdpa_kernel(SDPBackend.MATH), precision:
-            if self.tangent == "finite_difference":
-                h = self.epsilon
-                devices = [x_t.device] if x_t.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):  # one dropout mask for both
-                    F_plus = F(x_t + h * v_x, t + h * v_t)
-                F_minus = F(x_t - h * v_x, t - h * v_t)
-                return (F_plus - F_minus) / (2 * h)
-            try:
-                _, dF = torch.func.jvp(F, (x_t, t.to(torch.float64)), (v_x, v_t))
-            except (RuntimeError, NotImplementedError) as error:
-                raise UserError(
-                    f"The network does not support forward-mode AD ({str(error).splitlines()[0]}); "
-                    "set the objective's tangent: finite_difference, or train without "
-                    "torch.compile (cm.training.Compile) for sCT/sCD."
-                ) from None
-        return dF
+        primals = (x_t, t.to(torch.float64))
+        return tangent(F, primals, (v_x, v_t), self.tangent, self.epsilon, self.tangent_precision)
 
     def tangent_target(
         self,

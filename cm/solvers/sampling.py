@@ -68,7 +68,7 @@ class Sampler:
         sigma_max: float = 80.0,
         rho: float = 7.0,
         sigmas: list[float] | None = None,
-        schedule: Literal["karras", "vp", "cosine", "logsnr", "time_uniform"] = "karras",
+        schedule: Literal["karras", "vp", "cosine", "logsnr", "time_uniform", "flow"] = "karras",
     ) -> None:
         self.solver = solver
         self.num_steps = num_steps
@@ -91,7 +91,7 @@ class Sampler:
             sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
             return sigmas if sigmas[-1] == 0 else torch.cat([sigmas, sigmas.new_zeros(1)])
         match self.schedule:
-            case "karras" | "logsnr" | "time_uniform":
+            case "karras" | "logsnr" | "time_uniform" | "flow":
                 return schedule_sigmas(
                     self.schedule, self.num_steps, self.sigma_min, self.sigma_max, self.rho
                 )
