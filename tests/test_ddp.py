@@ -75,3 +75,14 @@ def test_sct_two_process_ddp_matches_one_process(tmp_path):
               config=config)  # fmt: skip
     assert any(k.startswith("objective.weight_head.") for k in single["state_dict"])
     assert_same_training_state(single, ddp)
+
+
+def test_meanflow_two_process_ddp_matches_one_process(tmp_path):
+    # MeanFlow's tangent is the same no-grad JVP (cm.objectives.jvp) on the unwrapped flow map:
+    # 2 processes must equal one, with the (t, r) pairs drawn per global sample index.
+    config = CONFIGS / "meanflow_digits.yaml"
+    single = fit(tmp_path / "single", config=config)
+    ddp = fit(tmp_path / "ddp", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
+              config=config)  # fmt: skip
+    assert any(".time_embed_to." in k for k in single["state_dict"])
+    assert_same_training_state(single, ddp)

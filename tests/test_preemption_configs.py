@@ -144,7 +144,7 @@ def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
             ]
         case "amed_mixture.yaml":
             return ["--data.init_args.num=32", "--data.init_args.batch_size=8"]
-        case "cd_mixture.yaml" | "scd_mixture.yaml":
+        case "cd_mixture.yaml" | "scd_mixture.yaml" | "meanflow_mixture.yaml":
             return ["--data.init_args.dataset.init_args.num_samples=64"]
         case "d2g_digits.yaml":
             # G and D start from the narrow teacher; R1 at every step, also after the resume.
@@ -182,6 +182,8 @@ CONFIGS = [
     "scd_digits.yaml",
     "scd_mixture.yaml",
     "ect_digits.yaml",  # ECT's stage is a function of the step
+    "meanflow_digits.yaml",  # MeanFlow: (t, r) pairs and label drops per global sample index
+    "meanflow_mixture.yaml",
 ]
 
 
