@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.vae import VAE, LatentSpace
+
 SecondTime = Literal["t_minus_r", "r"]
 
 
@@ -27,7 +29,7 @@ def fm_sigma(t: Tensor) -> Tensor:
     return t / (1 - t)
 
 
-class MeanFlowPrecond(nn.Module):
+class MeanFlowPrecond(LatentSpace, nn.Module):
     """Geng et al. 2025 (MeanFlow), Eq. 1-3: ``z_r = z_t - (t - r) u(z_t, r, t)`` as a flow map.
 
     The network predicts the average velocity ``u`` over ``[r, t]`` in flow matching's variables
@@ -45,6 +47,7 @@ class MeanFlowPrecond(nn.Module):
         noise_scale: ``c_noise = noise_scale t`` with ``t`` in ``[0, 1]``: 1 as py-meanflow's
             positional embedding of the raw ``t``; 1000 for DiT's timestep embedder.
         second_time: what the network's second time input is, ``t - r`` or ``r``.
+        vae: the VAE of a latent model (``cm.vae.VAE``: samples decode through it); None: pixels.
     """
 
     def __init__(
@@ -53,10 +56,12 @@ class MeanFlowPrecond(nn.Module):
         sigma_data: float = 0.5,
         noise_scale: float = 1.0,
         second_time: SecondTime = "t_minus_r",
+        vae: VAE | None = None,
     ) -> None:
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
         self.noise_scale, self.second_time = noise_scale, second_time
+        self.set_vae(vae)
 
     def average_velocity(self, z: Tensor, t: Tensor, r: Tensor, labels: Tensor | None) -> Tensor:
         """Geng et al. 2025, Eq. 3: ``u_theta(z_t, r, t)`` ``[N, ...]``; ``t >= r`` ``[N]``.

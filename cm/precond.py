@@ -3,6 +3,10 @@
 ``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))`` (Karras et al.
 2022, Eq. 7). The network never sees ``sigma``, only ``c_noise``; the scalings are computed in
 float32 whatever the autocast dtype of the network.
+
+A preconditioner given a ``vae`` (``cm.vae.VAE``) is a latent model (Rombach et al. 2022): it
+denoises scaled VAE latents, and its samples are decoded into pixels through the VAE, which it
+holds outside its module tree (``cm.vae.LatentSpace``: not in checkpoints or exports).
 """
 
 from typing import Literal
@@ -11,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cm.schedules import vp_betas, vp_sigmas
+from cm.vae import VAE, LatentSpace
 
 
 def _sigma_column(sigma: Tensor | float, x: Tensor) -> Tensor:
@@ -20,18 +25,20 @@ def _sigma_column(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
 
 
-class Preconditioner(nn.Module):
+class Preconditioner(LatentSpace, nn.Module):
     """Base of the EDM-style preconditioners (Karras et al. 2022, Eq. 7).
 
     Args:
         net: the raw network ``F(x, c_noise, labels)``.
         sigma_data: standard deviation of the data, ``sigma_d``.
+        vae: the VAE of a latent model (its samples are decoded through it); None: pixels.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, vae: VAE | None = None) -> None:
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
+        self.set_vae(vae)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return ``(c_skip, c_out, c_in, c_noise)`` for ``sigma`` shaped ``[N, 1, 1, 1]``."""
@@ -54,10 +61,17 @@ class EDMPrecond(Preconditioner):
         sigma_data: standard deviation of the data, ``sigma_d``.
         noise_scale: 0.25 as EDM; openai/consistency_models' EDM teachers use
             ``1000 * 0.25 * ln(sigma + 1e-44)``, i.e. 250.
+        vae: the VAE of a latent model (``cm.vae.VAE``); None: a pixel-space model.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, noise_scale: float = 0.25) -> None:
-        super().__init__(net, sigma_data)
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        noise_scale: float = 0.25,
+        vae: VAE | None = None,
+    ) -> None:
+        super().__init__(net, sigma_data, vae)
         self.noise_scale = noise_scale
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -82,6 +96,7 @@ class ConsistencyPrecond(Preconditioner):
         sigma_data: standard deviation of the data, ``sigma_d``.
         sigma_min: the boundary ``epsilon`` where ``D`` is the identity.
         noise_scale: ``c_noise = noise_scale * ln(sigma)``.
+        vae: the VAE of a latent model (``cm.vae.VAE``); None: a pixel-space model.
     """
 
     def __init__(
@@ -90,8 +105,9 @@ class ConsistencyPrecond(Preconditioner):
         sigma_data: float = 0.5,
         sigma_min: float = 0.002,
         noise_scale: float = 250.0,
+        vae: VAE | None = None,
     ) -> None:
-        super().__init__(net, sigma_data)
+        super().__init__(net, sigma_data, vae)
         self.sigma_min, self.noise_scale = sigma_min, noise_scale
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -120,10 +136,17 @@ class TrigFlowPrecond(Preconditioner):
         sigma_data: standard deviation of the data, ``sigma_d``.
         noise_scale: ``c_noise = noise_scale * t``, ``t`` in ``[0, pi/2]``: 1 as the paper
             (positional embeddings, or Fourier ones with a small scale, see ``cm.networks``).
+        vae: the VAE of a latent model (``cm.vae.VAE``); None: a pixel-space model.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, noise_scale: float = 1.0) -> None:
-        super().__init__(net, sigma_data)
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        noise_scale: float = 1.0,
+        vae: VAE | None = None,
+    ) -> None:
+        super().__init__(net, sigma_data, vae)
         self.noise_scale = noise_scale
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -170,7 +193,7 @@ def trigflow_flow(
     return (cos_t.to(dtype) * x_t - D_x) / (sigma_data * sin_t).to(dtype)
 
 
-class VPPrecond(nn.Module):
+class VPPrecond(LatentSpace, nn.Module):
     """Ho et al. 2020: a discrete ``eps``-prediction DDPM over T timesteps as an EDM denoiser.
 
     ``sigma`` maps to the nearest trained timestep ``t`` (in ``ln sigma``) of the table
@@ -183,6 +206,7 @@ class VPPrecond(nn.Module):
         net: the raw network ``eps(x_t, t, labels)`` with ``out_channels = in_channels``.
         schedule: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021) betas.
         num_timesteps: T, the number of trained timesteps.
+        vae: the VAE of a latent model (``cm.vae.VAE``, e.g. DiT's); None: a pixel-space model.
     """
 
     learned_variance = False
@@ -192,9 +216,11 @@ class VPPrecond(nn.Module):
         net: nn.Module,
         schedule: Literal["linear", "cosine"] = "linear",
         num_timesteps: int = 1000,
+        vae: VAE | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        self.set_vae(vae)
         self.schedule, self.num_timesteps = schedule, num_timesteps
         betas = vp_betas(schedule, num_timesteps)
         # Derived from the config, so not saved: imported checkpoints carry only the network.
@@ -247,6 +273,7 @@ class IDDPMPrecond(VPPrecond):
         net: the raw network with ``out_channels = 2 * in_channels``.
         schedule: ``"linear"`` or ``"cosine"`` (the iDDPM default) betas.
         num_timesteps: T, the number of trained timesteps.
+        vae: the VAE of a latent model (``cm.vae.VAE``, e.g. DiT's); None: a pixel-space model.
     """
 
     learned_variance = True
@@ -256,5 +283,6 @@ class IDDPMPrecond(VPPrecond):
         net: nn.Module,
         schedule: Literal["linear", "cosine"] = "cosine",
         num_timesteps: int = 1000,
+        vae: VAE | None = None,
     ) -> None:
-        super().__init__(net, schedule, num_timesteps)
+        super().__init__(net, schedule, num_timesteps, vae)

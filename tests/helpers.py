@@ -5,6 +5,7 @@ trainer, fake dataset folders in the official layouts and ``cm predict`` pair co
 of each, so a change to the tiny setup (or to a CLI flag) is made once.
 """
 
+import importlib.util
 import io
 import json
 import pickle
@@ -349,6 +350,17 @@ def write_tiny_sd(tmp_path: Path) -> Path:
     (tmp_path / "sd" / "scheduler").mkdir()
     (tmp_path / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER))
     return tmp_path / "sd"
+
+
+def write_tiny_vae(path: Path, seed: int = 0) -> Path:
+    """``path``: the tiny random AutoencoderKL of ``scripts/tiny_vae.py`` (reused if there)."""
+    pytest.importorskip("diffusers")
+    if (path / "config.json").is_file():
+        return path
+    spec = importlib.util.spec_from_file_location("tiny_vae", ROOT / "scripts" / "tiny_vae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.save_tiny_vae(path, seed)
 
 
 def write_sd_pairs(tmp_path: Path, tiny_sd: Path, captions: str) -> tuple[Path, str]:

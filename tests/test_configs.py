@@ -14,7 +14,8 @@ One mechanism narrows a config for CPU time, ``smoke(config, tmp)``. It resolves
   denoiser of ``configs/<name>.yaml``, the config that writes it), a diffusers folder for SD, a
   latent VGG trunk, E-LatentLPIPS weights in the release's layout, a prompts file, and ODE pairs
   written by ``cm predict`` of the narrowed pairs config that the config's header names (with the
-  config's own teacher where it names one, as the headers say);
+  config's own teacher where it names one, as the headers say), a tiny random VAE
+  (``scripts/tiny_vae.py``) and a fresh latent cache folder;
 - the trainer: one step on the CPU in float32, no Compile/W&B/checkpoints, and a 2-image
   ``SampleGrid`` for modules that ``generate``; ``PairWriter`` is kept for ``cm predict``.
 
@@ -45,13 +46,14 @@ from helpers import (
     write_cifar10,
     write_imagenet64,
     write_tiny_sd,
+    write_tiny_vae,
 )
 from PIL import Image
 from safetensors.torch import save_file
 from test_convert import edm_layout, openai_layout, random_state
 
 from cm.cli import main
-from cm.data import CIFAR10, LSUN, Captions, ImageNet64
+from cm.data import CIFAR10, LSUN, Captions, ImageNet64, Latents
 from cm.data.captions import write_digit_captions
 from cm.io import PretrainedDenoiser, build, export
 from cm.networks import ADMUNet, NCSNpp
@@ -64,6 +66,7 @@ from cm.training import ImageDataModule, PairDataModule
 from cm.training.latent_vgg import ELatentLPIPSCalibration, LatentFieldsDataModule
 from cm.training.pairs import PairGenerator, PairSeedDataModule, PairWriter
 from cm.training.prediction import SeedDataModule
+from cm.vae import VAE
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -327,6 +330,10 @@ def fake_inputs(config: dict, header: str, tmp: Path, tiny_sd: Path) -> None:
             fake_teacher(args, config, tmp, i)
         elif cls in (SD_DENOISER, SD_DISCRIMINATOR):
             args["path"] = str(tiny_sd)
+        elif cls is VAE:
+            args["path"] = str(write_tiny_vae(tmp / "tiny_vae"))
+        elif cls is Latents:
+            args["cache"] = str(tmp / "latents")
         elif cls is ELatentLPIPSCalibration and args.get("trunk"):
             args["trunk"] = fake_trunk(tmp / "trunk.safetensors")
         elif cls is ELatentLPIPS and args.get("path"):
@@ -391,6 +398,7 @@ def test_config_runs_one_step(name, tmp_path, weights, tiny_sd):
     text = (CONFIGS / name).read_text()
     config = yaml.safe_load(text)
     needs_sd = any("stable_diffusion" in o["class_path"] for o in objects(config))
+    needs_sd |= any(resolve(o["class_path"]) is VAE for o in objects(config))
     if needs_sd and tiny_sd is None:
         pytest.skip("needs diffusers (pip install -e '.[dev]')")
     path, command = smoke(config, tmp_path, text, tiny_sd)
@@ -485,6 +493,7 @@ def test_full_size_networks_build_on_meta(name):
     for d in denoisers:
         if "stable_diffusion" in d["class_path"]:
             continue  # diffusers reads its own config from the checkpoint folder
+        d["init_args"].pop("vae", None)  # a latent model's VAE: read from its folder, not built
         with torch.device("meta"):
             module = build(copy.deepcopy(d))
         counts.append(sum(p.numel() for p in module.parameters()))

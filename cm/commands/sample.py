@@ -145,7 +145,7 @@ def main(args: Sequence[str]) -> Path:
     if cfg.predictor is not None or cfg.solver in AMED_SOLVERS:
         _use_predictor(sampler, cfg, device)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num))
-    if hasattr(denoiser, "decode") or getattr(getattr(denoiser, "net", None), "context_dim", 0):
+    if getattr(getattr(denoiser, "net", None), "context_dim", 0):  # latents: decoded in both
         x, labels = _generate_text_or_latent(cfg, sampler, denoiser, seeds, shape, device), None
     else:
         x, labels = sampler.generate(

@@ -7,6 +7,9 @@ from cm.data.captions import (
     write_digit_captions,
 )
 from cm.data.datasets import DigitsDataset, FolderDataset, MixtureDataset
+from cm.data.imagenet import ImageNetDataset
+from cm.data.latent_cache import encode_cache
+from cm.data.latents import LatentDataset, Latents
 from cm.data.lsun import LSUNDataset, center_crop_arr
 from cm.data.real import (
     CIFAR10Dataset,
@@ -21,6 +24,7 @@ from cm.data.sources import (
     DataSource,
     Digits,
     ImageFolder,
+    ImageNet,
     ImageNet64,
     Mixture,
 )
@@ -32,7 +36,9 @@ __all__ = [
     "DataSource",
     "Digits",
     "ImageFolder",
+    "ImageNet",
     "ImageNet64",
+    "Latents",
     "Mixture",
     "DIGIT_WORDS",
     "CaptionFolderDataset",
@@ -40,9 +46,12 @@ __all__ = [
     "DigitsDataset",
     "FolderDataset",
     "ImageNet64Dataset",
+    "ImageNetDataset",
+    "LatentDataset",
     "LSUNDataset",
     "MixtureDataset",
     "center_crop_arr",
+    "encode_cache",
     "load_cifar_batch",
     "open_dataset",
     "read_prompts",

@@ -8,12 +8,14 @@ subclass whose typed constructor is its YAML schema and ``--help`` text.
 """
 
 from abc import ABC, abstractmethod
+from typing import Literal
 
 from torch import nn
 from torch.utils.data import Dataset
 
 from cm.data.captions import CaptionFolderDataset
 from cm.data.datasets import DigitsDataset, FolderDataset, MixtureDataset
+from cm.data.imagenet import ImageNetDataset
 from cm.data.lsun import LSUNDataset
 from cm.data.real import CIFAR10Dataset, ImageNet64Dataset, Split
 from cm.errors import UserError
@@ -155,6 +157,33 @@ class LSUN(_Resizable):
         return LSUNDataset(self.path, self.size(resolution), flip)
 
 
+class ImageNet(_Resizable):
+    """ImageNet (ILSVRC2012) from its class folders ``train/<wnid>/*.JPEG``, 1000 classes.
+
+    Center-cropped as ADM/DiT (``cm.data.ImageNetDataset``); the 256x256 images of latent
+    diffusion (DiT, LDM) through ``cm.data.Latents``.
+
+    Args:
+        path: the folder holding ``train/`` (and ``val/`` sorted into class folders), or a
+            split folder of ``<wnid>/`` folders itself.
+        split: ``train`` or ``val``.
+        resolution: output image size; None: the DataModule's resolution, else 256.
+    """
+
+    title, default_resolution = "ImageNet", 256
+    channels, num_classes = 3, 1000
+
+    def __init__(
+        self, path: str, split: Literal["train", "val"] = "train", resolution: int | None = None
+    ) -> None:
+        super().__init__(resolution)
+        self.path, self.split = path, split
+
+    def load(self, resolution: int | None, flip: bool, use_labels: bool) -> Dataset:
+        """The class folders, decoded and cropped per item."""
+        return ImageNetDataset(self.path, self.split, self.size(resolution), flip, use_labels)
+
+
 class _Published(DataSource):
     """A published dataset of one fixed image size and class count (``dataset_class``'s)."""
 
@@ -274,6 +303,6 @@ def data_source(dataset: DataSource | str) -> DataSource:
         f"data.init_args.dataset: {dataset!r} is not a dataset: give digits, mixture or a "
         "dataset object, e.g. --data.init_args.dataset cm.data.CIFAR10 "
         "--data.init_args.dataset.init_args.path DIR (in YAML: dataset: {class_path: "
-        "cm.data.CIFAR10, init_args: {path: DIR}}; see cm.data for ImageNet64, ImageFolder, LSUN, "
-        "Captions)."
+        "cm.data.CIFAR10, init_args: {path: DIR}}; see cm.data for ImageNet64, ImageNet, "
+        "ImageFolder, LSUN, Captions, Latents)."
     )

@@ -7,7 +7,9 @@ timestep, ``D(z; sigma) = z - sigma eps(z / sqrt(1 + sigma^2), t, c)``. The text
 is the ``labels`` argument: CLIP ViT-L/14 token embeddings ``[N, 77, 768]``
 (``cm.networks.text.TextEncoder("ViT-L-14", "openai")`` gives SD 1.x's conditioning). Images
 live in the VAE's latent space scaled by ``scaling_factor`` (0.18215 for SD 1.x): ``encode``
-and ``decode`` map between [-1, 1] pixels and latents. ``diffusers`` is an optional extra.
+and ``decode`` map between [-1, 1] pixels and latents through the pipeline's ``vae/``, loaded
+as every latent model's VAE (``cm.vae.VAE``, held outside the module tree: not in checkpoints
+or exports). ``diffusers`` is an optional extra.
 
 A teacher is frozen; ``trainable=True`` makes the U-Net a student initialised from the
 published weights (Diffusion2GAN's one-step generator). ``load_unet`` is shared with
@@ -24,17 +26,14 @@ from torch import Tensor, nn
 from cm.errors import UserError
 from cm.precond import VPPrecond
 from cm.schedules import vp_sigmas
+from cm.vae import VAE, diffusers_module
 
-INSTALL = "pip install diffusers (the optional extra cm[sd])"
+SD_SCALING = 0.18215  # SD 1.x/2.x's published latent scale, when no VAE is loaded
 
 
 def _diffusers():
     """The ``diffusers`` module, or one clear error saying how to install it."""
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError(f"The Stable Diffusion teacher needs diffusers: {INSTALL}.") from None
-    return diffusers
+    return diffusers_module("The Stable Diffusion teacher")
 
 
 def scheduler_betas(config: dict) -> Tensor:
@@ -116,6 +115,10 @@ class StableDiffusionDenoiser(VPPrecond):
         trainable: train the UNet (a student) instead of freezing it (a teacher).
     """
 
+    # Always a latent model: without its VAE (load_vae=False) it cannot decode its samples.
+    latent = True
+    missing_vae = "This {name} was built with load_vae=False."
+
     def __init__(
         self,
         path: str,
@@ -132,39 +135,24 @@ class StableDiffusionDenoiser(VPPrecond):
         super().__init__(_UNetEps(unet), "linear", len(betas))
         # Replace VPPrecond's linear table with the scheduler's (SD: scaled_linear).
         self.betas, self.sigmas = betas, vp_sigmas(betas)
-        self.vae = None
-        if load_vae:
-            self.vae = _diffusers().AutoencoderKL.from_pretrained(
-                root / "vae", torch_dtype=getattr(torch, dtype)
-            )
-            self.vae.requires_grad_(False).eval()
-        self.scaling_factor = float(self.vae.config.scaling_factor) if self.vae else 0.18215
+        self.set_vae(VAE(str(root / "vae"), dtype=dtype) if load_vae else None)
         self.path, self.trainable = str(root), trainable
+        # Checkpoints written when the VAE was a submodule carry its weights: they are ignored.
+        self.register_load_state_dict_pre_hook(_drop_vae_weights)
         if not trainable:
             self.requires_grad_(False).eval()
 
+    @property
+    def scaling_factor(self) -> float:
+        """The VAE's latent scale (SD 1.x: 0.18215)."""
+        return self.vae.scaling_factor if self.vae is not None else SD_SCALING
+
     def train(self, mode: bool = True) -> "StableDiffusionDenoiser":
         """Switch the UNet's mode (a frozen teacher stays in eval); the VAE always stays in eval."""
-        super().train(mode and self.trainable)
-        if self.vae is not None:
-            self.vae.eval()
-        return self
+        return super().train(mode and self.trainable)
 
-    def _need_vae(self) -> nn.Module:
-        if self.vae is None:
-            raise UserError("This StableDiffusionDenoiser was built with load_vae=False.")
-        return self.vae
 
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """Latents ``z = scaling_factor * E(x)`` (the posterior mean) of images in [-1, 1]."""
-        vae = self._need_vae()
-        posterior = vae.encode(images.to(vae.dtype)).latent_dist
-        return posterior.mean.float() * self.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Images in [-1, 1] (clamped) ``[N, 3, 8h, 8w]`` of latents ``[N, 4, h, w]``."""
-        vae = self._need_vae()
-        x = vae.decode((latents / self.scaling_factor).to(vae.dtype)).sample
-        return x.float().clamp(-1, 1)
+def _drop_vae_weights(module: nn.Module, state: dict[str, Tensor], prefix: str, *args) -> None:
+    """Remove the ``vae.*`` entries of checkpoints from before the VAE left the module tree."""
+    for key in [k for k in state if k.startswith(prefix + "vae.")]:
+        del state[key]

@@ -137,14 +137,36 @@ class Sampler:
         """Images clamped to ``[-1, 1]`` for ``seeds`` in batches, and their class indices.
 
         Labels come from the seeds (``seed_labels``), so results do not depend on ``batch_size``.
+        A latent denoiser (``is_latent``) samples latents of ``shape`` and returns them decoded
+        into pixels by its VAE, clamped after decoding.
         """
+        latent = check_latent(denoiser)
         images, classes = [], []
         for first in range(0, len(seeds), batch_size):
             chunk = list(seeds[first : first + batch_size])
             labels = seed_labels(chunk, label_dim, class_label) if label_dim else None
-            images.append(self(denoiser, chunk, shape, labels, device).clamp(-1, 1))
+            x = self(denoiser, chunk, shape, labels, device)
+            images.append((denoiser.decode(x) if latent else x).clamp(-1, 1))
             classes.append(None if labels is None else labels.argmax(1))
         return torch.cat(images), None if label_dim == 0 else torch.cat(classes)
+
+
+def is_latent(denoiser: nn.Module) -> bool:
+    """Whether ``denoiser`` generates VAE latents that its ``decode`` turns into pixels.
+
+    True for a denoiser holding a VAE (``cm.vae.LatentSpace``: a preconditioner given ``vae``,
+    a ``StableDiffusionDenoiser``), also through guidance wrappers, and for one that is a latent
+    model by construction (``latent = True``) even when its VAE was not loaded.
+    """
+    return getattr(denoiser, "vae", None) is not None or bool(getattr(denoiser, "latent", False))
+
+
+def check_latent(denoiser: nn.Module) -> bool:
+    """``is_latent(denoiser)``; a latent model without its VAE is one clear error."""
+    latent = is_latent(denoiser)
+    if latent and getattr(denoiser, "vae", None) is None:
+        raise UserError("Sampling a latent model needs its VAE to decode: set load_vae: true.")
+    return latent
 
 
 def _takes(fn: Callable, name: str) -> bool:
@@ -165,8 +187,8 @@ def generate_text_or_latent(
     """Pixel images in ``[-1, 1]`` of a text-conditioned and/or latent denoiser, per seed.
 
     Seed ``s`` gets the text context ``contexts([s])`` (so results do not depend on the batch
-    size); a latent denoiser (one with ``decode``, e.g. ``StableDiffusionDenoiser``) has its
-    samples decoded by its VAE, clamped after decoding, not before.
+    size); a latent denoiser (``is_latent``, e.g. ``StableDiffusionDenoiser``) has its samples
+    decoded by its VAE, clamped after decoding, not before.
 
     Args:
         sampler: the solver and its grid.
@@ -184,9 +206,7 @@ def generate_text_or_latent(
             "Sampling a text-conditioned model needs prompts: attach a data module with a "
             "text_encoder (PairDataModule or ImageDataModule with captions)."
         )
-    latent = hasattr(denoiser, "decode")
-    if latent and getattr(denoiser, "vae", None) is None:
-        raise UserError("Sampling a latent model needs its VAE to decode: set load_vae: true.")
+    latent = check_latent(denoiser)
     images = []
     for first in range(0, len(seeds), batch_size):
         chunk = list(seeds[first : first + batch_size])

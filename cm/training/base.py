@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from cm.ema import EMA
 from cm.errors import UserError
 from cm.io import image_spec, to_uint8
-from cm.solvers.sampling import Sampler, generate_text_or_latent
+from cm.solvers.sampling import Sampler, generate_text_or_latent, is_latent
 
 Nonfinite = Literal["skip", "stop"]
 
@@ -204,10 +204,17 @@ class GenerativeModule(GuardedModule):
         return int(getattr(self.net, "label_dim", 0))
 
     def setup(self, stage: str) -> None:
-        """Check that data and network agree on resolution, channels and labels."""
+        """Check that data and network agree on resolution, channels and labels.
+
+        For VAE latents (``cm.data.Latents``) the resolution and channels are the latents', and
+        the denoiser must hold a VAE of the same latent scaling to decode its samples.
+        """
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "resolution"):
             return
+        vae = getattr(dm, "vae", None)
+        if vae is not None:
+            _check_latent_denoiser(self.denoiser, vae)
         checks = [
             ("resolution", dm.resolution, getattr(self.net, "img_resolution", dm.resolution)),
             ("channels", dm.channels, getattr(self.net, "in_channels", dm.channels)),
@@ -215,10 +222,15 @@ class GenerativeModule(GuardedModule):
         ]
         for name, data_value, net_value in checks:
             if data_value != net_value:
+                data = "The data"
+                hint = _DATA_KEYS[name]
+                if vae is not None and name != "label_dim":
+                    data = f"The latent data (cm.data.Latents, through the VAE at '{vae.path}')"
+                    hint = _LATENT_KEYS[name].format(side=data_value * vae.downsample, vae=vae)
                 raise UserError(
-                    f"The data has {name} {data_value} but the network has {name} {net_value}: "
+                    f"{data} has {name} {data_value} but the network has {name} {net_value}: "
                     f"set model.init_args.denoiser.init_args.net.init_args.{_NET_KEYS[name]} to "
-                    f"{data_value}{_DATA_KEYS[name]}."
+                    f"{data_value}{hint}."
                 )
 
     @torch.no_grad()
@@ -232,15 +244,16 @@ class GenerativeModule(GuardedModule):
         """EMA-denoiser images in ``[-1, 1]`` for ``seeds`` (per-seed deterministic), classes.
 
         A text model (``context_dim > 0``) takes seed ``s``'s prompt from the attached data module
-        (``contexts``: ``ImageDataModule`` with captions, ``PairDataModule`` of text pairs); a
-        latent model (one with ``decode``, e.g. ``StableDiffusionDenoiser``) is decoded into
-        pixels by its VAE. Both return no class labels.
+        (``contexts``: ``ImageDataModule`` with captions, ``PairDataModule`` of text pairs) and
+        returns no class labels; a latent model (``cm.solvers.sampling.is_latent``: one holding a
+        VAE, e.g. ``StableDiffusionDenoiser`` or a preconditioner given ``vae``) samples latents
+        and returns them decoded into pixels by its VAE.
         """
         denoiser = self.eval_denoiser
         was_training = denoiser.training
         denoiser.eval()
         sampler = sampler or self.sampler
-        if hasattr(denoiser, "decode") or getattr(self.net, "context_dim", 0):
+        if getattr(self.net, "context_dim", 0):
             dm = self.trainer.datamodule if self._trainer is not None else None
             contexts = getattr(dm, "contexts", None)
             images = generate_text_or_latent(
@@ -273,3 +286,24 @@ _DATA_KEYS = {
     "channels": " (and out_channels; a folder's channels are its images')",
     "label_dim": ", or data.init_args.use_labels to false for an unconditional model",
 }
+_LATENT_KEYS = {
+    "resolution": " (images of {side} px through a VAE that downsamples {vae.downsample}x)",
+    "channels": " (and out_channels: the VAE's latent_channels)",
+}
+
+
+def _check_latent_denoiser(denoiser: nn.Module, vae: nn.Module) -> None:
+    """A denoiser trained on the latents of ``vae`` must decode through a VAE of its scaling."""
+    own = getattr(denoiser, "vae", None)
+    if not is_latent(denoiser) or own is None:
+        raise UserError(
+            f"The data are VAE latents (cm.data.Latents) but the denoiser has no VAE to decode "
+            f"its samples: set model.init_args.denoiser.init_args.vae to the data's VAE "
+            f"({{class_path: cm.vae.VAE, init_args: {{path: {vae.path}}}}})."
+        )
+    ours, theirs = (own.scaling_factor, own.shift_factor), (vae.scaling_factor, vae.shift_factor)
+    if ours != theirs:
+        raise UserError(
+            f"The denoiser's VAE scales latents by (scaling_factor, shift_factor) = {ours} but "
+            f"the data's VAE by {theirs}: give both VAEs the same factors."
+        )

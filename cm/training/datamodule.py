@@ -13,6 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from cm.data.latents import Latents
 from cm.data.sources import DataSource, data_source
 from cm.data.stream import StepStream
 from cm.errors import UserError
@@ -23,7 +24,9 @@ class ImageDataModule(L.LightningDataModule):
     """Images in [-1, 1] with one-hot labels or text contexts; the ``data:`` YAML schema.
 
     The dataset is an object (``cm.data.DataSource``: ``Digits``, ``Mixture``, ``ImageFolder``,
-    ``CIFAR10``, ``ImageNet64``, ``LSUN``, ``Captions``); this module keeps the loader settings.
+    ``CIFAR10``, ``ImageNet64``, ``ImageNet``, ``LSUN``, ``Captions``, or ``Latents``: the VAE
+    latents of any of these, whose resolution and channels are the latents'); this module keeps
+    the loader settings.
     ``resolution``, ``channels`` and ``label_dim`` can be read before ``setup`` (the model and the
     CLI size the network from them). ``batch_size`` is the global batch of one optimizer step, as
     the papers state it: it is split over devices and gradient-accumulation micro-batches. Training
@@ -123,6 +126,11 @@ class ImageDataModule(L.LightningDataModule):
             return 0
         classes = self.source.num_classes
         return self.full_dataset.label_dim if classes is None else classes
+
+    @property
+    def vae(self) -> nn.Module | None:
+        """The VAE of latent data (``cm.data.Latents``), None for pixels."""
+        return getattr(self.source, "vae", None)
 
     @property
     def context_dim(self) -> int:
@@ -238,6 +246,10 @@ def config_batches(config: Path, batch_size: int) -> Iterator[torch.Tensor]:
     parser.add_subclass_arguments(L.LightningDataModule, "data", fail_untyped=False)
     dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
     dm.prepare_data()
-    dm.setup("fit")
-    for x, *_ in DataLoader(dm.full_dataset, batch_size=batch_size, shuffle=False):
+    if isinstance(dm.source, Latents):  # the real images, not their latents
+        dataset = dm.source.pixels()
+    else:
+        dm.setup("fit")
+        dataset = dm.full_dataset
+    for x, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         yield to_uint8(x)  # [-1, 1] -> uint8 NHWC, exactly as cm sample writes samples
