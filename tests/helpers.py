@@ -406,3 +406,16 @@ def published_names(trunk_key: str) -> str:
     _, _, i, param = trunk_key.split(".")
     s = 1 + sum(int(i) >= b for b in (7, 14, 24, 34))
     return f"net.slice{s}.{i}.{param}"
+
+
+def write_imagenet_folders(root: Path) -> Path:
+    """Three odd-sized JPEGs in ILSVRC2012's ``train/<wnid>/`` layout, two classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for wnid, sizes in (("n01440764", [(40, 60), (70, 50)]), ("n15075141", [(33, 33)])):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{i}.JPEG")
+    return root

@@ -45,6 +45,7 @@ from helpers import (
     tiny_open_clip,
     write_cifar10,
     write_imagenet64,
+    write_imagenet_folders,
     write_tiny_sd,
     write_tiny_vae,
 )
@@ -53,10 +54,10 @@ from safetensors.torch import save_file
 from test_convert import edm_layout, openai_layout, random_state
 
 from cm.cli import main
-from cm.data import CIFAR10, LSUN, Captions, ImageNet64, Latents
+from cm.data import CIFAR10, LSUN, Captions, ImageNet, ImageNet64, Latents
 from cm.data.captions import write_digit_captions
 from cm.io import PretrainedDenoiser, build, export
-from cm.networks import ADMUNet, NCSNpp
+from cm.networks import ADMUNet, DiT, NCSNpp
 from cm.networks.latent_vgg import LatentVGG16BN
 from cm.networks.text import TextEncoder
 from cm.objectives import LPIPS
@@ -104,6 +105,7 @@ RULES: dict[Any, dict[str, Any]] = {
         "num_res_blocks": 1,
         "num_head_channels": 16,
     },
+    DiT: {"hidden_size": 32, "depth": 2, "num_heads": 2},
     LPIPS: {"resize": 0},  # the VGG trunk at the image size, not 224 px
     ImageDataModule: {"batch_size": 2, "num_workers": 0},
     PairDataModule: {"batch_size": 2, "num_workers": 0},
@@ -197,12 +199,20 @@ def fake_dataset(name: str, args: dict, tmp: Path) -> None:
             args["cache_dir"] = str(tmp / "imagenet64_cache")
         case "lsun":
             args["path"] = str(_lsun(tmp / "lsun"))
+        case "imagenet":
+            args["path"] = str(write_imagenet_folders(tmp / "ilsvrc"))
         case "captions":
             args["path"] = str(write_digit_captions(str(tmp / "captions"), num=4))
 
 
 # Dataset objects (``data.init_args.dataset.class_path``) by class; short names by themselves.
-DATASETS = {CIFAR10: "cifar10", ImageNet64: "imagenet64", LSUN: "lsun", Captions: "captions"}
+DATASETS = {
+    CIFAR10: "cifar10",
+    ImageNet64: "imagenet64",
+    ImageNet: "imagenet",
+    LSUN: "lsun",
+    Captions: "captions",
+}
 
 
 def _fields(root: Path, task: str) -> str:

@@ -15,8 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import CONFIGS, fails, last_ckpt, tiny_adm, tiny_args, write_tiny_vae
-from PIL import Image
+from helpers import (
+    CONFIGS,
+    fails,
+    last_ckpt,
+    tiny_adm,
+    tiny_args,
+    write_imagenet_folders,
+    write_tiny_vae,
+)
 from torch.utils.data import Dataset
 
 from cm.cli import main
@@ -282,18 +289,8 @@ def test_latents_source_in_the_datamodule(tmp_path, vae, vae_dir):
         Latents(_digits(), vae, str(vae_dir / "cache"))
 
 
-def _write_imagenet(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for wnid, sizes in (("n01440764", [(40, 60), (70, 50)]), ("n15075141", [(33, 33)])):
-        (root / "train" / wnid).mkdir(parents=True)
-        for i, (h, w) in enumerate(sizes):
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{i}.JPEG")
-    return root
-
-
 def test_imagenet_class_folders(tmp_path):
-    root = _write_imagenet(tmp_path / "ilsvrc")
+    root = write_imagenet_folders(tmp_path / "ilsvrc")
     ds = ImageNet(str(root), resolution=32).load(None, False, True)
     assert isinstance(ds, ImageNetDataset) and len(ds) == 3 and ds.label_dim == 1000
     x, y = ds[2]
