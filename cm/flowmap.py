@@ -2,8 +2,9 @@
 
 Flow matching's ``z_t = (1 - t) x0 + t eps`` (Lipman et al. 2023; Liu et al. 2023) is EDM's
 ``x = x0 + sigma n`` with ``sigma = t / (1 - t)``, scaled by ``1 - t = 1 / (1 + sigma)``: the
-conversion is written once here (``fm_time``, ``fm_sigma``). A flow map moves a point at
-``sigma`` to the PF-ODE's point at ``sigma_to``; every flow map is also a denoiser,
+conversion is written once (``cm.schedules.fm_time``, ``fm_sigma``, re-exported here; a velocity
+model is ``cm.precond.FlowMatchingPrecond``). A flow map moves a point at ``sigma`` to the
+PF-ODE's point at ``sigma_to``; every flow map is also a denoiser,
 ``D(x, sigma) = Phi(x, sigma, 0)``, so every solver, ``cm sample``, ``cm edit`` and the metrics
 take it unchanged, and ``cm.solvers.flowmap.flowmap`` steps ``sigma_0 -> sigma_1 -> ... -> 0``
 through ``Phi`` without re-noising.
@@ -14,19 +15,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cm.schedules import fm_sigma, fm_time
 from cm.vae import VAE, LatentSpace
 
+__all__ = ["MeanFlowPrecond", "SecondTime", "fm_sigma", "fm_time"]
+
 SecondTime = Literal["t_minus_r", "r"]
-
-
-def fm_time(sigma: Tensor) -> Tensor:
-    """Flow matching's ``t = sigma / (1 + sigma)`` of EDM's ``sigma`` (``sigma = inf`` is 1)."""
-    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
-
-
-def fm_sigma(t: Tensor) -> Tensor:
-    """EDM's ``sigma = t / (1 - t)`` of flow matching's ``t`` in ``[0, 1)``."""
-    return t / (1 - t)
 
 
 class MeanFlowPrecond(LatentSpace, nn.Module):

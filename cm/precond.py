@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cm.schedules import vp_betas, vp_sigmas
+from cm.schedules import fm_time, vp_betas, vp_sigmas
 from cm.vae import VAE, LatentSpace
 
 
@@ -157,6 +157,42 @@ class TrigFlowPrecond(Preconditioner):
         c_in = 1 / (sigma**2 + sd2).sqrt()
         t = trigflow_time(sigma, self.sigma_data)
         return c_skip, c_out, c_in, self.noise_scale * t
+
+
+class FlowMatchingPrecond(Preconditioner):
+    """Lipman et al. 2023; Ma et al. 2024 (SiT): a velocity model of ``z_t = (1 - t) x0 + t eps``.
+
+    Flow matching is EDM's ``x = x0 + sigma n`` with ``sigma = t / (1 - t)``, scaled by
+    ``1 - t = 1 / (1 + sigma)`` (``cm.schedules.fm_time``); the network predicts the velocity
+    ``v = eps - x0`` of ``z_t = x / (1 + sigma)``, so ``D(x; sigma) = z_t - t v``: ``c_skip =
+    c_in = 1 / (1 + sigma)``, ``c_out = -sigma / (1 + sigma)``, ``c_noise = noise_scale t``. Then
+    ``||D - x0||^2 = t^2 ||v - (eps - x0)||^2``: ``DenoisingScoreMatching`` trains it with EDM's
+    weighting. ``D(x, 0) == x`` exactly. A SiT or any flow-matching checkpoint samples with every
+    ``cm.solvers`` ODE solver through it.
+
+    Args:
+        net: the raw network ``v(z, c_noise, labels)``.
+        sigma_data: standard deviation of the data, ``sigma_d`` (for the objectives).
+        noise_scale: ``c_noise = noise_scale t``, ``t`` in ``[0, 1]``: 1000 as SiT's timestep
+            embedder, 1 for the raw ``t``.
+        vae: the VAE of a latent model (``cm.vae.VAE``); None: a pixel-space model.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        noise_scale: float = 1000.0,
+        vae: VAE | None = None,
+    ) -> None:
+        super().__init__(net, sigma_data, vae)
+        self.noise_scale = noise_scale
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``c_skip = c_in = 1 - t``, ``c_out = -t``, ``c_noise = noise_scale t``."""
+        one_minus_t = 1 / (1 + sigma)
+        t = fm_time(sigma)
+        return one_minus_t, -t, one_minus_t, self.noise_scale * t
 
 
 def trigflow_time(sigma: Tensor, sigma_data: float) -> Tensor:

@@ -174,6 +174,16 @@ def schedule_sigmas(
     raise UserError(f"Unknown schedule {schedule!r}: use karras, logsnr, time_uniform or flow.")
 
 
+def fm_time(sigma: Tensor) -> Tensor:
+    """Flow matching's ``t = sigma / (1 + sigma)`` of EDM's ``sigma`` (``sigma = inf`` is 1)."""
+    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+
+
+def fm_sigma(t: Tensor) -> Tensor:
+    """EDM's ``sigma = t / (1 - t)`` of flow matching's ``t`` in ``[0, 1)``."""
+    return t / (1 - t)
+
+
 def flow_uniform_sigmas(num_steps: int, sigma_max: float = 1e6) -> Tensor:
     """Geng et al. 2025, Sec. 4: ``num_steps`` flow-matching times uniform in ``[0, t_max]``.
 

@@ -16,6 +16,7 @@ from cm.errors import UserError
 from cm.flowmap import MeanFlowPrecond, fm_sigma, fm_time
 from cm.objectives import MeanFlow
 from cm.oracle import GaussianMixture
+from cm.precond import FlowMatchingPrecond
 from cm.schedules import flow_uniform_sigmas
 from cm.solvers import Sampler, flowmap
 
@@ -225,3 +226,22 @@ def test_flowmap_sampler_needs_a_flow_map_and_the_sampler_grid():
     sampler = Sampler(flowmap, num_steps=2, sigma_max=1e6, schedule="flow")
     grid = sampler.grid(phi)
     assert len(grid) == 3 and grid[-1] == 0
+
+
+class ExactVelocity(ExactAverageVelocity):
+    """The instantaneous velocity ``v(z_t, t)`` of ``N(m, s^2 I)``: ``u`` at ``r = t``."""
+
+    def forward(self, z: Tensor, c_noise: Tensor, labels=None, c_noise_to=None) -> Tensor:
+        return super().forward(z, c_noise, labels, torch.zeros_like(c_noise))
+
+
+def test_flow_matching_velocity_model_is_the_exact_denoiser():
+    # D(x; sigma) = z_t - t v with z_t = x / (1 + sigma): the exact velocity gives the exact D.
+    precond = FlowMatchingPrecond(ExactVelocity(), noise_scale=1.0)
+    x = M + torch.randn(4, 1, 4, 4, dtype=F64) * 3.0
+    sigma = torch.tensor([0.1, 1.0, 5.0, 80.0], dtype=F64)
+    torch.testing.assert_close(precond(x, sigma), gaussian_teacher()(x, sigma))
+    assert torch.equal(precond(x, torch.zeros(4, dtype=F64)), x)  # D(x, 0) = x
+    # and it equals the flow map of the same velocity at sigma_to = 0 along a straight step
+    phi = MeanFlowPrecond(ExactVelocity())
+    torch.testing.assert_close(phi.flow_map(x, sigma, 0.0), precond(x, sigma))
