@@ -394,7 +394,12 @@ class ADMUNet(nn.Module):
         """
         c_noise = c_noise.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(c_noise, self.model_channels))
-        emb = emb + second_time_embedding(self.time_embed_to, c_noise_to, c_noise, x.shape[0])
+        emb = emb + second_time_embedding(
+            self.time_embed_to,
+            lambda c: timestep_embedding(c, self.model_channels),
+            c_noise_to,
+            c_noise,
+        )
         context = None
         if labels is not None and labels.ndim == 3:
             if labels.shape[-1] != self.context_dim:

@@ -18,6 +18,7 @@ one-hot labels) and ``y_embedder.null`` (its last row, the classifier-free guida
 """
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -353,8 +354,7 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed  # [N, T, D]
         c_noise = c_noise.reshape(-1).expand(n)
         c = self.t_embedder(c_noise)  # [N, D]
-        embed_to = None if self.t_embedder_to is None else self.t_embedder_to.mlp
-        c = c + second_time_embedding(embed_to, c_noise_to, c_noise, n)
+        c = c + second_time_embedding(self.t_embedder_to, lambda c: c, c_noise_to, c_noise)
         if self.y_embedder is not None:
             if labels is None:
                 labels = c.new_zeros(n, self.label_dim)  # no class: the null embedding
@@ -376,43 +376,15 @@ class SiT(DiT):
     (channels are the fastest index of each token's ``p^2 * C`` outputs).
 
     Args:
-        img_resolution: side of the (latent) input; see ``DiT``.
         in_channels: input channels.
         out_channels: output channels; None = ``in_channels`` (no learned sigma).
-        label_dim: number of classes; 0 = unconditional.
-        patch_size: patch side.
-        hidden_size: token width.
-        depth: number of blocks.
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width over ``hidden_size``.
-        second_time: embed a flow map's second time input ``c_noise_to``; see ``DiT``.
-        dropout: dropout probability inside the MLPs.
+        **kwargs: the other ``DiT`` arguments (``img_resolution``, ``label_dim``, ``patch_size``,
+            ``hidden_size``, ``depth``, ``num_heads``, ``mlp_ratio``, ``second_time``,
+            ``dropout``), with DiT-XL/2's defaults.
     """
 
     def __init__(
-        self,
-        img_resolution: int = 32,
-        in_channels: int = 4,
-        out_channels: int | None = None,
-        label_dim: int = 1000,
-        patch_size: int = 2,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        second_time: bool = False,
-        dropout: float = 0.0,
+        self, in_channels: int = 4, out_channels: int | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(
-            img_resolution=img_resolution,
-            in_channels=in_channels,
-            out_channels=in_channels if out_channels is None else out_channels,
-            label_dim=label_dim,
-            patch_size=patch_size,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            second_time=second_time,
-            dropout=dropout,
-        )
+        out = in_channels if out_channels is None else out_channels
+        super().__init__(in_channels=in_channels, out_channels=out, **kwargs)

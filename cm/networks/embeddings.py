@@ -1,7 +1,7 @@
 """Noise-level embeddings and shared checks of the UNets (``c_noise`` -> features)."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +91,16 @@ class FourierEmbedding(nn.Module):
 
 
 def second_time_embedding(
-    embed: nn.Module | None, c_noise_to: Tensor | None, c_noise: Tensor, n: int
+    embed: nn.Module | None,
+    features: Callable[[Tensor], Tensor],
+    c_noise_to: Tensor | None,
+    c_noise: Tensor,
 ) -> Tensor | float:
-    """The flow-map time's embedding (``cm.flowmap``), or 0 without one; ``[N, emb]``."""
+    """``embed(features(c_noise_to))``, a flow map's second time (``cm.flowmap``), or 0 without.
+
+    ``c_noise`` ``[N]`` gives the batch size and dtype; ``c_noise_to`` None is 0. A second time
+    given to a network built without one (``embed`` None) is one clear error.
+    """
     if embed is None:
         if c_noise_to is not None:
             raise UserError(
@@ -101,5 +108,6 @@ def second_time_embedding(
                 "set the network's second_time: true for a flow map."
             )
         return 0.0
+    n = c_noise.shape[0]
     c_noise_to = c_noise.new_zeros(n) if c_noise_to is None else c_noise_to.reshape(-1).expand(n)
-    return embed(timestep_embedding(c_noise_to, embed[0].in_features))
+    return embed(features(c_noise_to))

@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm.errors import UserError
-from cm.networks.embeddings import FourierEmbedding, PositionalEmbedding, check_resolution
+from cm.networks.embeddings import (
+    FourierEmbedding,
+    PositionalEmbedding,
+    check_resolution,
+    second_time_embedding,
+)
 from cm.networks.ncsnpp_layers import (
     SKIP_SCALE,
     ZERO_GAIN,
@@ -217,15 +222,9 @@ class NCSNpp(nn.Module):
                 labels = x.new_zeros(x.shape[0], self.label_dim)
             # One-hot rows scaled to unit variance per entry, as EDM.
             emb = emb + self.map_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))
-        pre = self.map_layer0(emb)
-        if self.map_layer0_to is not None:
-            c_noise_to = c_noise.new_zeros(x.shape[0]) if c_noise_to is None else c_noise_to
-            pre = pre + self.map_layer0_to(self.map_noise(c_noise_to.reshape(-1)).to(x.dtype))
-        elif c_noise_to is not None:
-            raise UserError(
-                "A second time input (c_noise_to) was given to a network built without one: "
-                "set the network's second_time: true for a flow map."
-            )
+        pre = self.map_layer0(emb) + second_time_embedding(
+            self.map_layer0_to, lambda c: self.map_noise(c).to(x.dtype), c_noise_to, c_noise
+        )
         emb = F.silu(self.map_layer1(F.silu(pre)))
 
         h = self.enc_in(x)
