@@ -1,10 +1,13 @@
 """A MeanFlow flow map through the real CLI: ``cm fit``, ``cm sample --steps 1|2|4`` (flow-map
 jumps, no re-noising), export, and ``cm edit`` inpainting with it as a denoiser."""
 
+import csv
+
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, fit_args, last_ckpt
+import yaml
+from helpers import CONFIGS, DIGITS, QUICKSTART, fit_args, last_ckpt
 from test_editing import read_png, write_digits
 
 from cm.cli import main
@@ -56,3 +59,26 @@ def test_edit_inpaints_with_a_flow_map(flow_ckpt, tmp_path):
     for i, image in enumerate(images):
         result = read_png(out / f"img{i}.png")
         np.testing.assert_array_equal(result[:, :5], image[:, :5])  # known pixels kept exactly
+
+
+def test_generative_metrics_score_one_and_two_jumps(tmp_path):
+    # GenerativeMetrics takes a flow map unchanged: FID of 1- and 2-NFE samples during fit.
+    reference = tmp_path / "digits_ref.npz"
+    main(["eval", "ref", "--data", QUICKSTART, "--feature", DIGITS, "--out", str(reference)])
+    flow = {"solver": "cm.solvers.flowmap", "schedule": "flow", "sigma_max": 1.0e6}
+    samplers = [
+        {"class_path": "cm.solvers.Sampler", "init_args": {**flow, "num_steps": n}} for n in (1, 2)
+    ]
+    callback = {
+        "class_path": "cm.training.GenerativeMetrics",
+        "init_args": {"reference": str(reference), "metrics": ["fid"], "num": 20,
+                      "batch_size": 10, "every_n_steps": 2, "feature": {"class_path": DIGITS},
+                      "samplers": samplers},
+    }  # fmt: skip
+    extra = tmp_path / "metrics.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    root = tmp_path / "run"
+    main(fit_args(root, "--config", str(extra), steps=2, config=MEANFLOW))
+    rows = list(csv.DictReader(next(root.glob("**/metrics.csv")).open()))
+    keys = {k for row in rows for k, v in row.items() if v and k.startswith("metrics/fid")}
+    assert {"metrics/fid_flowmap_1", "metrics/fid_flowmap_2"} <= keys, keys
