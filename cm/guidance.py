@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from cm.errors import UserError
+
 Classifier = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -19,14 +21,15 @@ class GuidedDenoiser(nn.Module):
     """A guidance wrapper that still looks like its denoiser (``net``, ``sigmas``, ...).
 
     Unknown attributes fall through to the wrapped denoiser, so samplers round a discrete
-    model's grid (``round_sigma``) and read its network exactly as without guidance.
+    model's grid (``round_sigma``) and read its network exactly as without guidance; except a flow
+    map's ``flow_map``, which would jump unguided: a wrapper that guides it defines its own.
     """
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("__") or name == "denoiser":
+            if name.startswith("__") or name in ("denoiser", "flow_map"):
                 raise
             return getattr(super().__getattr__("denoiser"), name)
 
@@ -62,6 +65,36 @@ class ClassifierFreeGuidance(GuidedDenoiser):
         D = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, uncond]))
         D_cond, D_uncond = D.chunk(2)
         return D_uncond + self.scale * (D_cond - D_uncond)
+
+    def flow_map(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        sigma_to: Tensor | float,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Guided jump ``Phi_u + s (Phi_c - Phi_u)`` of a flow map (``Phi`` is affine in ``u``)."""
+        flow_map = getattr(self.denoiser, "flow_map", None)
+        if flow_map is None:
+            raise UserError(
+                "Guided flow-map sampling needs a flow map (e.g. cm.flowmap.MeanFlowPrecond); "
+                "use a consistency or ODE solver for this denoiser."
+            )
+        if labels is None:
+            return flow_map(x, sigma, sigma_to, None)
+        uncond = torch.zeros_like(labels) if self.uncond_labels is None else self.uncond_labels
+        uncond = uncond.to(labels).expand_as(labels)
+        n = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(n)
+        sigma_to = torch.as_tensor(sigma_to, device=x.device).reshape(-1).expand(n)
+        both = flow_map(
+            torch.cat([x, x]),
+            torch.cat([sigma, sigma]),
+            torch.cat([sigma_to, sigma_to]),
+            torch.cat([labels, uncond]),
+        )
+        cond, unconditional = both.chunk(2)
+        return unconditional + self.scale * (cond - unconditional)
 
 
 def cfg(denoiser: nn.Module, scale: float, uncond_labels: Tensor | None = None) -> nn.Module:

@@ -245,3 +245,21 @@ def test_flow_matching_velocity_model_is_the_exact_denoiser():
     # and it equals the flow map of the same velocity at sigma_to = 0 along a straight step
     phi = MeanFlowPrecond(ExactVelocity())
     torch.testing.assert_close(phi.flow_map(x, sigma, 0.0), precond(x, sigma))
+
+
+def test_classifier_free_guidance_guides_the_jump():
+    # Phi is affine in u, so guiding u is guiding Phi: Phi_u + s (Phi_c - Phi_u), one batch.
+    from cm.guidance import ClassifierGuidance, cfg
+
+    phi = MeanFlowPrecond(LabelVelocity())
+    x = torch.randn(3, 1, 2, 2, dtype=F64)
+    labels = torch.eye(3, dtype=F64)
+    guided = cfg(phi, 2.0).flow_map(x, 5.0, 1.0, labels)
+    cond, uncond = phi.flow_map(x, 5.0, 1.0, labels), phi.flow_map(x, 5.0, 1.0, labels * 0)
+    torch.testing.assert_close(guided, uncond + 2.0 * (cond - uncond))
+    sigmas = flow_uniform_sigmas(2, 80.0)  # the sampler makes the same guided jumps
+    g = cfg(phi, 2.0)
+    two = g.flow_map(g.flow_map(x * 80, sigmas[0], sigmas[1], labels), sigmas[1], 0.0, labels)
+    torch.testing.assert_close(flowmap(g, x * 80, sigmas, labels), two)
+    # A gradient-guided wrapper must not fall through to the unguided jump.
+    assert getattr(ClassifierGuidance(phi, lambda x, s: x.sum(), 1.0), "flow_map", None) is None
