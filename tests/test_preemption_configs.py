@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from helpers import tiny_open_clip
+from helpers import tiny_open_clip, write_tiny_vae
 
 from cm.cli import main
 from cm.data.captions import write_digit_captions
@@ -156,6 +156,15 @@ def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
                 f"--data.init_args.root={request.getfixturevalue('pairs')}",
                 "--data.init_args.batch_size=8",
             ]
+        case "latent_digits.yaml":  # a tiny random VAE and one latent cache for all three runs
+            root = request.getfixturevalue("tmp_path")
+            vae = write_tiny_vae(root / "tiny_vae")
+            dataset = "--data.init_args.dataset.init_args"
+            return [
+                f"--model.init_args.denoiser.init_args.vae.init_args.path={vae}",
+                f"{dataset}.vae.init_args.path={vae}",
+                f"{dataset}.cache={root / 'latents'}",
+            ]
         case "edm_digits_text.yaml":
             encoder = {"model": TINY_CLIP, "pretrained": "random", "max_length": 8}
             return [
@@ -184,6 +193,7 @@ CONFIGS = [
     "ect_digits.yaml",  # ECT's stage is a function of the step
     "meanflow_digits.yaml",  # MeanFlow: (t, r) pairs and label drops per global sample index
     "meanflow_mixture.yaml",
+    "latent_digits.yaml",  # training reads latents from the cache, per-sample posterior draws
 ]
 
 
