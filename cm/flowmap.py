@@ -39,7 +39,8 @@ class MeanFlowPrecond(LatentSpace, nn.Module):
         net: the raw network ``u(z, c_noise, labels, c_noise_to)``.
         sigma_data: standard deviation of the data (kept for the samplers and metrics).
         noise_scale: ``c_noise = noise_scale t`` with ``t`` in ``[0, 1]``: 1 as py-meanflow's
-            positional embedding of the raw ``t``; 1000 for DiT's timestep embedder.
+            positional embedding of the raw ``t`` and FastGen's MeanFlow DiT (``scale_t`` off:
+            small time derivatives keep the JVP tame); 1000 is DiT's diffusion timestep scale.
         second_time: what the network's second time input is, ``t - r`` or ``r``.
         vae: the VAE of a latent model (``cm.vae.VAE``: samples decode through it); None: pixels.
     """
