@@ -27,7 +27,7 @@ from helpers import (
 from torch.utils.data import Dataset
 
 from cm.cli import main
-from cm.data import ImageNet, ImageNetDataset, LatentDataset, Latents, encode_cache
+from cm.data import ImageNet, ImageNetDataset, LatentDataset, Latents, encode_cache, latent_cache
 from cm.data.latent_cache import dataset_identity
 from cm.errors import UserError
 from cm.guidance import cfg
@@ -205,6 +205,47 @@ def test_interrupted_encode_resumes_bit_for_bit(tmp_path, vae):
     encode_cache(images, vae, tmp_path / "resumed", ident, batch_size=4)
     assert images.read == list(range(8, 14))  # chunks 0 and 1 were not encoded again
     assert cache_bytes(tmp_path / "resumed") == cache_bytes(whole) and not part.exists()
+
+
+def test_a_crash_in_the_final_rename_neither_breaks_nor_reencodes(tmp_path, vae, monkeypatch):
+    # The manifest is written, then the rename fails: the next call only renames.
+    whole = encode_cache(Images(), vae, tmp_path / "whole", identity(Images()), batch_size=4)
+    images = Images()
+    real_replace = latent_cache.os.replace
+
+    def crash(src, dst):  # only the rename of the finished partial cache fails
+        if str(src).endswith(".partial"):
+            raise OSError("simulated crash during the rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(latent_cache.os, "replace", crash)
+    with pytest.raises(UserError, match="simulated crash during the rename"):
+        encode_cache(images, vae, tmp_path / "c", identity(images), batch_size=4)
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(latent_cache.os, "replace", real_replace)
+    ident = identity(images)
+    images.read.clear()
+    encode_cache(images, vae, tmp_path / "c", ident, batch_size=4)
+    assert images.read == []  # nothing encoded again
+    assert cache_bytes(tmp_path / "c") == cache_bytes(whole)
+    assert not (tmp_path / "c" / "done").exists() and not (tmp_path / ".c.partial").exists()
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    # pwrite may write fewer bytes than asked (a full disk): the writer writes the rest.
+    real_pwrite = latent_cache.os.pwrite
+
+    def short(fd, data, at):
+        return real_pwrite(fd, data[:3], at)
+
+    monkeypatch.setattr(latent_cache.os, "pwrite", short)
+    path = tmp_path / "moments.npy"
+    np.lib.format.open_memmap(path, "w+", np.float32, (4, 5))
+    np.lib.format.open_memmap(tmp_path / "labels.npy", "w+", np.float32, (4,))
+    rows = np.arange(10, dtype=np.float32).reshape(2, 5)
+    latent_cache._Writer(tmp_path).write("moments", (1,), rows)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(path)[1:3], np.arange(10).reshape(2, 5))
 
 
 def test_a_cache_of_other_inputs_is_refused(tmp_path, vae, vae_dir):

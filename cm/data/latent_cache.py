@@ -86,9 +86,14 @@ class _Writer:
             return
         first = np.ravel_multi_index((*index, *[0] * (len(shape) - len(index))), shape)
         start = offset + int(first) * dtype.itemsize
+        data = memoryview(np.ascontiguousarray(rows, dtype=dtype).tobytes())
         fd = os.open(path, os.O_WRONLY)
         try:
-            os.pwrite(fd, np.ascontiguousarray(rows, dtype=dtype).tobytes(), start)
+            while data:  # pwrite may write less (a full disk): write the rest, or raise
+                written = os.pwrite(fd, data, start)
+                if written == 0:
+                    raise OSError(f"no space left to write the latent cache file '{path}'")
+                data, start = data[written:], start + written
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -146,7 +151,8 @@ def _prepare_partial(part: Path, manifest: dict, chunk: int) -> None:
     """Create the partial cache (files sized, nothing encoded), unless one of it can resume."""
     stamp = {**manifest, "chunk": chunk}
     if (part / "partial.json").is_file() and read_json(part / "partial.json") == stamp:
-        return  # resume
+        (part / "done").mkdir(exist_ok=True)  # resume
+        return
     if part.exists():
         print(f"Discarding the unfinished latent cache '{part}' (built with other settings).")
         shutil.rmtree(part)
@@ -243,11 +249,24 @@ def encode_cache(
     error = None
     if rank == 0:
         try:
+            if (part / "manifest.json").is_file() and read_json(part / "manifest.json") == manifest:
+                error = _rename(part, cache)  # a crash after finishing, before the rename
+                _agree(error)
+                return cache
             _prepare_partial(part, manifest, batch_size)
         except (UserError, OSError) as e:
             error = str(e)
     _agree(error)
-    done = {int(p.name) for p in (part / "done").iterdir()}
+    if world > 1 and rank and (cache / "manifest.json").is_file():
+        return cache  # rank 0 renamed a cache finished before a crash
+    try:
+        done = {int(p.name) for p in (part / "done").iterdir()}
+    except OSError as e:  # e.g. a cache on a disk this rank does not see
+        done, error = set(), f"Rank {rank} cannot read the latent cache '{part}': {e}."
+    if world > 1:
+        _agree(error, None)  # every rank sees the partial cache, or all stop with one error
+    elif error:
+        raise UserError(error)
     todo = [i for i in range(rank, num_chunks, world) if i not in done]
     if rank == 0:
         print(f"Encoding {len(images)} images into the latent cache '{cache}' ...")
@@ -262,7 +281,10 @@ def encode_cache(
     if world > 1:
         _agree(None, None)  # every rank finished its chunks
     if rank == 0:
-        error = _finalise(part, cache, manifest, num_chunks)
+        try:
+            error = _finalise(part, cache, manifest, num_chunks)
+        except OSError as e:
+            error = f"Could not finish the latent cache '{cache}': {e}."
     _agree(error)
     return cache
 
@@ -277,9 +299,15 @@ def _finalise(part: Path, cache: Path, manifest: dict, num_chunks: int) -> str |
         )
     with atomic_path(part / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(part / "done")
-    (part / "partial.json").unlink()
+    return _rename(part, cache)
+
+
+def _rename(part: Path, cache: Path) -> str | None:
+    """Give a finished partial cache (its manifest written) its name, then drop its progress."""
     if cache.is_dir():
         cache.rmdir()  # empty (checked above): rename(2) would replace it, but be explicit
     os.replace(part, cache)
+    # Progress markers are not part of a finished cache; a crash here leaves harmless extras.
+    shutil.rmtree(cache / "done", ignore_errors=True)
+    (cache / "partial.json").unlink(missing_ok=True)
     return None

@@ -138,7 +138,10 @@ class Latents(DataSource):
         for name in ("path", "cache_dir"):
             where = getattr(self.dataset, name, None)
             for source in (where, vae.path):
-                if source is not None and same_file(cache, source):
+                if source is None:
+                    continue
+                source = str(Path(source).expanduser())
+                if same_file(str(Path(cache).expanduser()), source):
                     raise UserError(
                         f"The latent cache '{cache}' is inside an input ('{source}'): give a "
                         "cache folder outside the dataset and the VAE."

@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cm.data.latents import Latents
+from cm.data.latents import LatentDataset, Latents
 from cm.data.sources import DataSource, data_source
 from cm.data.stream import StepStream
 from cm.errors import UserError
@@ -156,6 +156,8 @@ class ImageDataModule(L.LightningDataModule):
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
         val_full = copy.copy(full)  # shallow: shares the images, but no augmentation
         val_full.flip = False
+        if isinstance(val_full, LatentDataset):  # the posterior mean: no random draw
+            val_full.sample = "mean"
         self.train_set = Subset(full, perm[n_val:].tolist())
         self.val_set = Subset(val_full, perm[:n_val].tolist())
 
