@@ -57,14 +57,7 @@ class ClassifierFreeGuidance(GuidedDenoiser):
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """Guided ``D(x; sigma, labels)``."""
-        if labels is None:
-            return self.denoiser(x, sigma, None)
-        uncond = torch.zeros_like(labels) if self.uncond_labels is None else self.uncond_labels
-        uncond = uncond.to(labels).expand_as(labels)
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        D = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, uncond]))
-        D_cond, D_uncond = D.chunk(2)
-        return D_uncond + self.scale * (D_cond - D_uncond)
+        return self._guided(self.denoiser, x, labels, sigma)
 
     def flow_map(
         self,
@@ -80,20 +73,19 @@ class ClassifierFreeGuidance(GuidedDenoiser):
                 "Guided flow-map sampling needs a flow map (e.g. cm.flowmap.MeanFlowPrecond); "
                 "use a consistency or ODE solver for this denoiser."
             )
+        return self._guided(flow_map, x, labels, sigma, sigma_to)
+
+    def _guided(self, fn, x: Tensor, labels: Tensor | None, *levels: Tensor | float) -> Tensor:
+        """``fn_u + s (fn_c - fn_u)`` of ``fn(x, *levels, labels)``, both as one batch of ``2N``."""
         if labels is None:
-            return flow_map(x, sigma, sigma_to, None)
+            return fn(x, *levels, None)
         uncond = torch.zeros_like(labels) if self.uncond_labels is None else self.uncond_labels
         uncond = uncond.to(labels).expand_as(labels)
         n = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(n)
-        sigma_to = torch.as_tensor(sigma_to, device=x.device).reshape(-1).expand(n)
-        both = flow_map(
-            torch.cat([x, x]),
-            torch.cat([sigma, sigma]),
-            torch.cat([sigma_to, sigma_to]),
-            torch.cat([labels, uncond]),
-        )
-        cond, unconditional = both.chunk(2)
+        doubled = [torch.as_tensor(s, device=x.device).reshape(-1).expand(n) for s in levels]
+        doubled = [torch.cat([s, s]) for s in doubled]
+        out = fn(torch.cat([x, x]), *doubled, torch.cat([labels, uncond]))
+        cond, unconditional = out.chunk(2)
         return unconditional + self.scale * (cond - unconditional)
 
 
