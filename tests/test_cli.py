@@ -80,6 +80,14 @@ def test_fit_sample_export(tmp_path, capsys):
         ]
     )
     assert np.load(c)["arr_0"].shape == (2, 8, 8, 1)
+    # a two-step grid on a one-step checkpoint samples multistep, not only its first sigma
+    d = tmp_path / "d.npz"
+    main(
+        ["sample", "--ckpt_path", str(ckpt), "--num", "2", "--sigmas", "[80.0, 0.8]"]
+        + ["--out", str(d)]
+    )
+    assert np.array_equal(np.load(d)["arr_0"], np.load(c)["arr_0"])
+    assert not np.array_equal(np.load(d)["arr_0"], np.load(a)["arr_0"][:2])
     # `python -m cm` is the console script: it must exit 0
     done = subprocess.run(
         [

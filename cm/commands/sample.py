@@ -22,6 +22,7 @@ from cm.guidance import cfg as classifier_free
 from cm.protocols import image_spec
 from cm.sample import AMED_SOLVERS, import_solver, sampler_from, use_predictor
 from cm.sample_files import save_grid, save_npz, to_uint8
+from cm.solvers.consistency import multistep, onestep
 from cm.solvers.sampling import generate_text_or_latent
 
 
@@ -142,6 +143,14 @@ def main(args: Sequence[str]) -> Path:
         sampler.num_steps, sampler.sigmas = cfg.steps, None
     if cfg.sigmas is not None:
         sampler.sigmas = cfg.sigmas
+    if (
+        cfg.solver is None
+        and sampler.solver is onestep
+        and int((sampler.grid(denoiser) > 0).sum()) > 1
+    ):
+        # A consistency checkpoint asked for several steps samples them (Song et al. 2023, Alg. 1)
+        # instead of silently using only the first sigma.
+        sampler.solver = multistep
     if cfg.predictor is not None or cfg.solver in AMED_SOLVERS:
         _use_predictor(sampler, cfg, device)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num))
