@@ -83,7 +83,9 @@ def main(argv: Sequence[str]) -> list[dict[str, Any]]:
     rows = [run_timed(cli, opts, Compile(compile=False, channels_last=channels_last), True)]
     del cli
     if mode is not None:
-        compiled = Compile(mode=mode, backend=opts.backend, channels_last=channels_last)
+        # The config's module list (e.g. CT's target network too), so both runs time its step.
+        modules = configured.modules if configured is not None else None
+        compiled = Compile(modules, mode, backend=opts.backend, channels_last=channels_last)
         rows.append(run_timed(fit_cli(args), opts, compiled, False))
     if rows[0] is None:  # not global rank 0
         return []
