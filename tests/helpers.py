@@ -26,14 +26,14 @@ from cm.networks import ADMUNet, NCSNpp
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
-QUICKSTART = str(CONFIGS / "quickstart.yaml")
+ICT_DIGITS = str(CONFIGS / "ict_digits.yaml")  # the generic tiny run (with tests/tiny.yaml)
 TINY_YAML = str(ROOT / "tests" / "tiny.yaml")  # a tiny network, small batches, no progress bar
 DIGITS = "cm.metrics.digits.DigitsFeatures"  # shipped weights: no download, CPU-fast
 
 # -- the tiny quickstart through the CLI -------------------------------------------------------
 
 
-def tiny_args(command: str, root: Path, *extra: str, config: str | Path = QUICKSTART) -> list[str]:
+def tiny_args(command: str, root: Path, *extra: str, config: str | Path = ICT_DIGITS) -> list[str]:
     """``cm <command>`` (fit, validate, predict) of ``config`` + tests/tiny.yaml under ``root``."""
     return [
         command,
@@ -47,7 +47,7 @@ def tiny_args(command: str, root: Path, *extra: str, config: str | Path = QUICKS
     ]
 
 
-def fit_args(root: Path, *extra: str, steps: int = 1, config: str | Path = QUICKSTART) -> list[str]:
+def fit_args(root: Path, *extra: str, steps: int = 1, config: str | Path = ICT_DIGITS) -> list[str]:
     """``cm fit`` of ``config`` with tests/tiny.yaml for ``steps`` steps, writing under ``root``."""
     return tiny_args("fit", root, f"--trainer.max_steps={steps}", *extra, config=config)
 

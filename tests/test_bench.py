@@ -4,7 +4,7 @@ import csv
 
 import pytest
 import torch
-from helpers import DIGITS, QUICKSTART, TINY_YAML, tiny_adm
+from helpers import DIGITS, ICT_DIGITS, TINY_YAML, tiny_adm
 
 from cm.bench import SOLVERS, bench_solvers, markdown_table
 from cm.cli import main
@@ -139,7 +139,7 @@ def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
     from cm.solvers.sampling import SeededNoise
 
     ref = tmp_path / "digits_ref.npz"
-    main(["eval", "ref", "--data", QUICKSTART, "--feature", DIGITS, "--out", str(ref)])
+    main(["eval", "ref", "--data", ICT_DIGITS, "--feature", DIGITS, "--out", str(ref)])
     out = tmp_path / "bench"
     args = ["--oracle", "mixture", "--std", "0.5", "--num", "12", "--ref_steps", "16"]
     args += ["--nfe", "3", "5", "--solvers", "euler", "ipndm", "--fid_ref", str(ref)]
@@ -158,7 +158,7 @@ def test_fid_per_cell_matches_the_suite(tmp_path, capsys):
 
 # -- cm bench train / cm bench sample --------------------------------------------------------
 
-TINY_FIT = ["--config", QUICKSTART, "--config", TINY_YAML]
+TINY_FIT = ["--config", ICT_DIGITS, "--config", TINY_YAML]
 
 
 def test_bench_train_cpu_reports_mfu_na_then_a_number(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import QUICKSTART
+from helpers import ICT_DIGITS
 from PIL import Image
 
 from cm.cli import main
@@ -200,7 +200,7 @@ def test_step_stream_ranks_workers_and_resume():
 def test_dataset_object_on_the_command_line(capsys):
     """``--data.init_args.dataset`` switches the class; the old flat options are refused."""
     data = "--data.init_args.dataset"
-    args = ["fit", "--config", QUICKSTART, f"{data}=cm.data.Mixture"]
+    args = ["fit", "--config", ICT_DIGITS, f"{data}=cm.data.Mixture"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, f"{data}.init_args.num_components=4", "--print_config"])
     assert exit_info.value.code == 0
@@ -209,7 +209,7 @@ def test_dataset_object_on_the_command_line(capsys):
     assert dataset["init_args"]["num_components"] == 4
     # a data: section of older configs: one error line naming the key
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", QUICKSTART, "--data.init_args.num_components=4"])
+        main(["fit", "--config", ICT_DIGITS, "--data.init_args.num_components=4"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "'num_components' is not accepted" in err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, QUICKSTART, fit_args
+from helpers import CONFIGS, ICT_DIGITS, fit_args
 
 from cm.cli import main
 
@@ -25,7 +25,7 @@ SGD = [
 ]
 
 
-def fit(root: Path, *extra: str, config: Path = QUICKSTART) -> dict:
+def fit(root: Path, *extra: str, config: Path = ICT_DIGITS) -> dict:
     """``cm fit`` of a tiny config (flips on, global batch 16, SGD); the final checkpoint."""
     args = ["--trainer.accelerator=cpu", "--data.init_args.flip=true"]
     args += ["--trainer.callbacks.init_args.final_num=0", *SGD]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DIGITS, QUICKSTART, fit, last_ckpt, tiny_args
+from helpers import DIGITS, ICT_DIGITS, fit, last_ckpt, tiny_args
 
 from cm.cli import main
 from cm.training.metrics import rank_seeds
@@ -27,7 +27,7 @@ def logged(root: Path) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "digits_ref.npz"
-    main(["eval", "ref", "--data", QUICKSTART, "--feature", DIGITS, "--out", str(out)])
+    main(["eval", "ref", "--data", ICT_DIGITS, "--feature", DIGITS, "--out", str(out)])
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, DIGITS, QUICKSTART, fit_args, last_ckpt
+from helpers import CONFIGS, DIGITS, ICT_DIGITS, fit_args, last_ckpt
 from test_editing import read_png, write_digits
 
 from cm.cli import main
@@ -64,7 +64,7 @@ def test_edit_inpaints_with_a_flow_map(flow_ckpt, tmp_path):
 def test_generative_metrics_score_one_and_two_jumps(tmp_path):
     # GenerativeMetrics takes a flow map unchanged: FID of 1- and 2-NFE samples during fit.
     reference = tmp_path / "digits_ref.npz"
-    main(["eval", "ref", "--data", QUICKSTART, "--feature", DIGITS, "--out", str(reference)])
+    main(["eval", "ref", "--data", ICT_DIGITS, "--feature", DIGITS, "--out", str(reference)])
     flow = {"solver": "cm.solvers.flowmap", "schedule": "flow", "sigma_max": 1.0e6}
     samplers = [
         {"class_path": "cm.solvers.Sampler", "init_args": {**flow, "num_steps": n}} for n in (1, 2)

@@ -176,7 +176,8 @@ def config_args(config: str, request: pytest.FixtureRequest) -> list[str]:
 
 
 CONFIGS = [
-    "quickstart.yaml",
+    "quickstart.yaml",  # ECT from scratch (issue 18)
+    "ict_digits.yaml",
     "edm_digits.yaml",
     "ddpm_digits.yaml",
     "iddpm_digits.yaml",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DIGITS, QUICKSTART, TINY_YAML
+from helpers import DIGITS, ICT_DIGITS, TINY_YAML
 
 from cm.cli import main
 
@@ -76,7 +76,7 @@ def wandb_env(tmp_path, monkeypatch):
 def test_offline_run_logs_config_losses_lr_throughput_grids_and_nfe_plot(wandb_env):
     tmp = wandb_env
     ref = tmp / "ref.npz"
-    main(["eval", "ref", "--data", QUICKSTART, "--feature", DIGITS, "--out", str(ref)])
+    main(["eval", "ref", "--data", ICT_DIGITS, "--feature", DIGITS, "--out", str(ref)])
     run_dir = tmp / "run"
     sampler = "cm.solvers.Sampler"
     config = {
@@ -118,7 +118,7 @@ def test_offline_run_logs_config_losses_lr_throughput_grids_and_nfe_plot(wandb_e
     }
     (tmp / "wandb.yaml").write_text(yaml.safe_dump(config))
     overlay = str(tmp / "wandb.yaml")
-    main(["fit", "--config", QUICKSTART, "--config", TINY_YAML, "--config", overlay])
+    main(["fit", "--config", ICT_DIGITS, "--config", TINY_YAML, "--config", overlay])
     # The `cm` process finishes its run at exit (wandb's atexit hook); in-process, finish it here
     # so the records are flushed and the next WandbLogger does not reuse this run.
     import wandb
@@ -192,7 +192,7 @@ def test_failed_fit_leaves_no_wandb_run(wandb_env):
     run_dir = tmp / "run"
     logger = "lightning.pytorch.loggers.WandbLogger"
     args = [
-        "fit", "--config", QUICKSTART, "--config", TINY_YAML, "--trainer.max_steps=1",
+        "fit", "--config", ICT_DIGITS, "--config", TINY_YAML, "--trainer.max_steps=1",
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger={logger}",
         f"--trainer.logger.init_args.save_dir={run_dir}",
         "--data.init_args.dataset=cm.data.ImageFolder",
