@@ -25,8 +25,11 @@ F64 = torch.float64
 class FixedPredictor:
     """A stand-in predictor with constant ``r, c, a`` and no features (the solvers' protocol)."""
 
-    def __init__(self, solver: str, r=0.5, c=1.0, a=1.0, afs=False, max_order=4) -> None:
+    def __init__(
+        self, solver: str, r=0.5, c=1.0, a=1.0, afs=False, max_order=4, afs_history=True
+    ) -> None:
         self.solver, self.afs, self.max_order = solver, afs, max_order
+        self.afs_history = afs_history
         self.r, self.c, self.a = r, c, a
 
     def __call__(self, features, sigma, sigma_next):
@@ -300,3 +303,63 @@ def test_nonfinite_interval_step_is_skipped_or_stops(tmp_path, policy):
     for before, after in zip(seen[1], seen[2], strict=True):
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(seen[2][0], seen[3][0], strict=True))
+
+
+def test_normalized_features_ignore_scale_and_keep_zeros():
+    """``normalize_features``: an affine change of the features leaves ``(r, c, a)`` unchanged."""
+    torch.manual_seed(0)
+    p = AMEDPredictor(scale_time=0.2, normalize_features=True)
+    raw = copy.deepcopy(p)
+    raw.normalize_features = False
+    f = torch.randn(4, 64)
+    with torch.no_grad():
+        out, shifted = p(f, 9.7, 0.47), p(3 * f + 2, 9.7, 0.47)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, shifted, strict=True))
+        assert not torch.allclose(raw(f, 9.7, 0.47)[0], raw(3 * f + 2, 9.7, 0.47)[0])
+        zeros = torch.zeros(4, 64)  # the AFS step and the time-only predictor
+        pairs = zip(p(zeros, 80, 9.7), raw(zeros, 80, 9.7), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_lr_scheduler_steps_once_per_interval(tmp_path):
+    """``lr_scheduler`` under manual optimization: stepped after each of the ``N - 1`` updates."""
+    from functools import partial
+
+    from cm.training import AMEDModule, SeedDataModule
+
+    torch.manual_seed(0)
+    module = AMEDModule(
+        RandomGaussianMixture(10, 8, 1, 0.5, 0),
+        AMEDPredictor(num_steps=4, solver="ipndm"),
+        AMEDDistillation(heun, teacher_substeps=1),
+        optimizer=partial(torch.optim.Adam, lr=1e-2),
+        lr_scheduler=partial(
+            torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.0, total_iters=8
+        ),
+    )
+    trainer = cpu_trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, SeedDataModule(num=16, batch_size=8))
+    assert trainer.global_step == 6  # 3 intervals, 2 batches
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-2 * (1 - 6 / 8))
+
+
+def test_afs_slope_out_of_history_on_nonzero_mean_data():
+    """``afs_history=False``: AFS's zero-mean slope does not leak into later multistep steps.
+
+    Point-mass data at ``y`` far from 0: every trajectory is straight, so once the history holds
+    only model slopes the plugin is exact up to the first substep's AFS error, which the straight
+    flow shrinks by ``t_{N-1} / s_0``; with the AFS slope kept its error reaches every later step.
+    """
+    y = torch.full((1, 1, 2, 2), -0.8, dtype=F64)
+    point = GaussianMixture(y, torch.zeros(1, dtype=F64))
+    x = y + 80.0 * torch.randn(5, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([80.0, 10.0, 2.0, 0.5, 0.0], dtype=F64)
+    errors = {}
+    for keep in (True, False):
+        p = FixedPredictor("ipndm", r=0.5, afs=True, afs_history=keep)
+        counter = CountingDenoiser(point)
+        out = amed_plugin(counter, x, sigmas, predictor=p)
+        assert counter.calls == 5
+        errors[keep] = (out - (y + 0.5 * (x - y) / 80.0)).abs().max().item()
+    assert errors[False] < 0.1 * errors[True], errors

@@ -108,6 +108,11 @@ class AMEDPredictor(nn.Module):
         sigma_max: the first point.
         rho: Karras grid exponent.
         afs: analytical first step (saves the first model evaluation).
+        afs_history: keep the AFS slope ``x / sqrt(1 + t_0^2)`` in the multistep history, as
+            diff-sampler does. AFS takes ``D(x; t_0) = 0``, i.e. zero-mean data; where the data
+            mean is far from 0 (digits in [-1, 1]: mean -0.39) that slope is wrong by
+            ``mean / t_0`` and the history carries the error into every later step. False: it
+            serves the first substep only; the history starts at the first model evaluation.
         max_order: history length of ``ipndm`` (at most 4) and ``dpmpp`` (at most 3).
         scale_dir: half-width of ``c_n`` around 1 (0: no direction scale); the paper's 0.01.
         scale_time: half-width of ``a_n`` around 1 (0: no time scale).
@@ -116,6 +121,8 @@ class AMEDPredictor(nn.Module):
         noise_channels: width of each time embedding.
         feature_module: dotted path of the hooked block, ``auto`` (the bottleneck of cm's UNets,
             else time-only), or None (time-only).
+        normalize_features: standardise each sample's features to zero mean and unit variance
+            before the encoder (diff-sampler feeds the raw channel mean: False).
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class AMEDPredictor(nn.Module):
         sigma_max: float = 80.0,
         rho: float = 7.0,
         afs: bool = True,
+        afs_history: bool = True,
         max_order: int = 4,
         scale_dir: float = 0.01,
         scale_time: float = 0.0,
@@ -134,6 +142,7 @@ class AMEDPredictor(nn.Module):
         feature_size: int = 8,
         noise_channels: int = 8,
         feature_module: str | None = "auto",
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
         if num_steps < 2:
@@ -144,10 +153,10 @@ class AMEDPredictor(nn.Module):
             raise UserError("scale_dir and scale_time are half-widths and must be >= 0.")
         self.num_steps, self.solver, self.schedule = num_steps, solver, schedule
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-        self.afs, self.max_order = afs, max_order
+        self.afs, self.afs_history, self.max_order = afs, afs_history, max_order
         self.scale_dir, self.scale_time = scale_dir, scale_time
         self.feature_size, self.noise_channels = feature_size, noise_channels
-        self.feature_module = feature_module
+        self.feature_module, self.normalize_features = feature_module, normalize_features
         self.map_layer0 = nn.Linear(noise_channels, noise_channels)
         self.enc_layer0 = nn.Linear(feature_size**2, hidden_dim)
         self.enc_layer1 = nn.Linear(hidden_dim, 4)
@@ -196,7 +205,11 @@ class AMEDPredictor(nn.Module):
         """
         n, device = features.shape[0], features.device
         emb = torch.cat([self._embed(sigma, device), self._embed(sigma_next, device)], dim=1)
-        h = self.enc_layer1(F.silu(self.enc_layer0(features.to(emb.dtype))))
+        features = features.to(emb.dtype)
+        if self.normalize_features:  # zeros (time-only, AFS) stay zeros
+            mean = features.mean(1, keepdim=True)
+            features = (features - mean) / features.std(1, keepdim=True).clamp_min(1e-6)
+        h = self.enc_layer1(F.silu(self.enc_layer0(features)))
         out = torch.cat([h, emb.expand(n, -1)], dim=1)
         r = torch.sigmoid(self.fc_r(out)).squeeze(1)
         c, a = torch.ones_like(r), torch.ones_like(r)

@@ -28,6 +28,7 @@ class StepPredictor(Protocol):
 
     solver: str
     afs: bool
+    afs_history: bool
     max_order: int
 
     def __call__(self, features: Tensor, sigma: float, sigma_next: float) -> tuple[Tensor, ...]:
@@ -91,7 +92,8 @@ def amed_interval(
 
     Args:
         denoiser: the frozen denoiser, hooked by ``tap`` (``predictor.watch(denoiser)``).
-        predictor: gives ``(r, c, a)``; its ``solver``, ``afs`` and ``max_order`` apply.
+        predictor: gives ``(r, c, a)``; its ``solver``, ``afs``, ``afs_history`` and
+            ``max_order`` apply.
         tap: the feature tap of ``predictor.watch``.
         x: the state at ``sigma``.
         sigma: ``t_n``.
@@ -113,6 +115,8 @@ def amed_interval(
     hist = [*(hist or []), Point(sigma, D, (x - D) / sigma)]
     s = sigma_next**r * sigma ** (1 - r)  # [N, 1, 1, 1], Eq. 10
     y = _base_step(base, x, s, hist, max_order)
+    if first and predictor.afs and not predictor.afs_history:
+        hist = []  # the AFS slope served the first substep only
     D_mid = denoiser(y, _sigma((a * s).flatten(), y), labels)
     d_mid = (y - D_mid) / s
     if base == "amed":  # Eq. 11

@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from cm.io import image_spec
@@ -28,6 +28,8 @@ class AMEDModule(GuardedModule):
         predictor: the ``AMEDPredictor`` to train (it fixes grid, base solver, AFS).
         objective: teacher and loss; default Heun with ``M = 1`` (the paper's CIFAR-10 setting).
         optimizer: optimizer factory over the predictor's parameters (the paper: Adam, lr 5e-3).
+        lr_scheduler: optional scheduler factory, stepped after every interval step (the paper:
+            none, a constant learning rate).
         image_shape: ``[C, H, W]`` of the noise; default from the denoiser's network or oracle.
         label_dim: one-hot classes drawn as ``seed % label_dim``; default the network's (or 0).
         nonfinite: an interval step with a NaN/Inf loss or gradient: ``"stop"`` ends the run with
@@ -43,6 +45,7 @@ class AMEDModule(GuardedModule):
         predictor: AMEDPredictor,
         objective: AMEDDistillation | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
         image_shape: Sequence[int] | None = None,
         label_dim: int | None = None,
         nonfinite: Nonfinite = "stop",
@@ -53,7 +56,7 @@ class AMEDModule(GuardedModule):
         self.denoiser = denoiser.requires_grad_(False).eval()
         self.predictor = predictor
         self.objective = objective if objective is not None else AMEDDistillation()
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if image_shape and label_dim is not None:  # given: the denoiser need not tell
             self.image_shape, self.label_dim = tuple(image_shape), label_dim
         else:
@@ -68,7 +71,10 @@ class AMEDModule(GuardedModule):
         return self
 
     def configure_optimizers(self):  # noqa: D102 - Lightning hook
-        return self.optimizer_factory(self.predictor.parameters())
+        optimizer = self.optimizer_factory(self.predictor.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         """One teacher trajectory per seed, then one optimizer step per interval."""
@@ -80,7 +86,7 @@ class AMEDModule(GuardedModule):
             labels = seed_labels(seeds, self.label_dim).to(self.device)
         targets = self.objective.targets(self.denoiser, self.predictor, x, labels)
         forcing = self.objective.forcing(self.predictor)
-        optimizer, hist, total = self.optimizers(), [], 0.0
+        optimizer, scheduler, hist, total = self.optimizers(), self.lr_schedulers(), [], 0.0
         with self.predictor.watch(self.denoiser) as tap:
             for n, target in enumerate(targets):
                 loss, x_next, hist, (r, c, a) = self.objective(
@@ -92,6 +98,8 @@ class AMEDModule(GuardedModule):
                 # skipped step (gradients dropped) still counts but changes nothing.
                 self.finite_or_skip(loss.detach(), optimizer)
                 optimizer.step()
+                if scheduler is not None:  # manual optimization: Lightning does not step it
+                    scheduler.step()
                 total += loss.mean().item()
                 self.log(f"train/loss_{n}", loss.mean(), batch_size=len(seeds))
                 self.log(f"train/r_{n}", r.mean(), batch_size=len(seeds))
