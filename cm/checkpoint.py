@@ -24,8 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cm.convert import Format, convert_state, network_of, published_url
+from cm.diffusers_io import load_pipeline
+from cm.diffusers_layout import is_diffusers_folder
 from cm.errors import UserError
 from cm.files import atomic_path
+from cm.hub import local_or_cached
 from cm.trust import check_config
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -297,33 +300,48 @@ def load_denoiser(
     """Any supported denoiser file as a denoiser (eval mode) with its hparams ({} if foreign).
 
     Args:
-        path: an exported directory, a ``cm fit`` ``.ckpt``, or a foreign ``.pt``/
-            ``.safetensors`` state dict.
+        path: an exported directory, a ``cm fit`` ``.ckpt``, a diffusers folder or the
+            Hugging Face Hub id of one (found in the HF cache, ``cm.hub.resolve``), or a
+            foreign ``.pt``/``.safetensors`` state dict.
         denoiser: for foreign formats, the architecture to load into: a module, a
             ``class_path``/``init_args`` dict, or a YAML/JSON file holding one. Ignored for cm.
         format: ``cm`` (export or ``.ckpt``); ``openai`` (consistency_models, and
             guided-diffusion trained with ``--use_new_attention_order True``); ``openai_legacy``
             (guided-diffusion's default legacy attention: its 128 and 256 px models); ``edm``
-            (EDM ``SongUNet`` into ``NCSNpp``); ``auto``: cm for a directory or ``.ckpt``.
+            (EDM ``SongUNet`` into ``NCSNpp``); ``diffusers`` (an ADM-style ``UNet2DModel``
+            pipeline folder, ``cm.diffusers_io``); ``auto``: diffusers for a folder that
+            ``save_pretrained`` wrote, cm for an export folder or ``.ckpt``.
         ema: use the EMA weights of a ``.ckpt``.
         trust_config: build any class that an export's ``config.json`` or a ``.ckpt``'s
             hyperparameters name (the user's opt-in, ``--trust_config``); by default only
             cm's classes (``cm.trust``). A ``denoiser`` passed here is the caller's, trusted.
     """
     path = Path(path)
+    if format in ("auto", "diffusers"):
+        path = local_or_cached(path, "denoiser")  # a Hub id: its snapshot in the HF cache
     if not path.exists():
         raise FileNotFoundError(
             f"'{path}' does not exist: expected an exported denoiser directory ({WEIGHTS} + "
-            f"{CONFIG}), a .ckpt written by cm fit, or a .pt/.safetensors state dict"
-            f"{published_url(path, format)}."
+            f"{CONFIG}), a .ckpt written by cm fit, a diffusers folder or Hugging Face Hub id, "
+            f"or a .pt/.safetensors state dict{published_url(path, format)}."
         )
     if format == "auto":
-        if not (path.is_dir() or path.suffix == ".ckpt"):
+        if path.is_dir() and is_diffusers_folder(path) and not (path / CONFIG).is_file():
+            format = "diffusers"
+        elif not (path.is_dir() or path.suffix == ".ckpt"):
             raise UserError(
                 f"Cannot tell the format of '{path}': pass format openai, openai_legacy or edm "
                 "(with the denoiser architecture) for a published checkpoint."
             )
-        format = "cm"
+        else:
+            format = "cm"
+    if format == "diffusers":
+        if not is_diffusers_folder(path):
+            raise UserError(
+                f"'{path}' is not a diffusers folder (no model_index.json or unet/config.json): "
+                "give the folder save_pretrained wrote, or its Hub id."
+            )
+        return load_pipeline(path)
     if format == "cm":
         return load_any(path, ema, trust_config)
     if denoiser is None:

@@ -27,8 +27,9 @@ from cm.networks.adm import ADMUNet, AttentionBlock
 from cm.networks.ncsnpp import FIRResample, NCSNpp
 
 AttentionOrder = Literal["qkv_first", "heads_first"]
-# Checkpoint layouts that cm.checkpoint.load_denoiser reads; auto: cm for a dir or .ckpt.
-Format = Literal["auto", "cm", "openai", "openai_legacy", "edm"]
+# Checkpoint layouts that cm.checkpoint.load_denoiser reads; auto: cm or diffusers for a
+# folder (whichever it holds), cm for a .ckpt.
+Format = Literal["auto", "cm", "openai", "openai_legacy", "edm", "diffusers"]
 
 ADM_HINT = (
     "check the ADMUNet config against the checkpoint's flags (model_channels, channel_mult, "

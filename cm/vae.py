@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cm.errors import UserError
+from cm.hub import local_or_cached
 
 INSTALL = "pip install diffusers (the optional extra cm[sd])"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -43,10 +44,12 @@ def diffusers_module(what: str = "The Stable Diffusion teacher") -> Any:
 def vae_folder(path: str | Path) -> Path:
     """The folder of a diffusers ``AutoencoderKL``: ``path`` itself or its ``vae/`` (a pipeline).
 
-    A missing folder, ``config.json`` or safetensors weights file is one ``FileNotFoundError``
-    naming the path and where to get a VAE. Pickled ``.bin`` weights are not read.
+    ``path`` may be a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``), read from the HF
+    cache (``cm.hub.resolve``). A missing folder, ``config.json`` or safetensors weights file is
+    one ``FileNotFoundError`` naming the path and where to get a VAE. Pickled ``.bin`` weights
+    are not read.
     """
-    root = Path(path).expanduser()
+    root = local_or_cached(path, "VAE")
     if not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
         root = root / "vae"
     missing = next((n for n in ("config.json", WEIGHTS) if not (root / n).is_file()), None)
@@ -59,7 +62,8 @@ class VAE(nn.Module):
     """A frozen ``AutoencoderKL`` between [-1, 1] pixels and scaled latents (Rombach et al. 2022).
 
     Frozen and in eval mode for good; it moves itself to the device of its input. Only a local
-    folder is read (never the network), and only safetensors weights.
+    folder or a Hub id's snapshot in the Hugging Face cache is read, and only safetensors
+    weights.
 
     Args:
         path: local folder of a diffusers ``AutoencoderKL`` (``config.json`` and

@@ -1,8 +1,10 @@
 """Pretrained weights from elsewhere: one registry, offline-safe lookup, ``cm weights fetch/check``.
 
-Files are looked up in ``$CM_WEIGHTS`` (one or more directories, ``os.pathsep``-separated) and then
-in the torch hub cache (``$TORCH_HOME/hub/checkpoints``). Nothing is downloaded implicitly: a
-missing file is one ``FileNotFoundError`` naming the file, its URL and the directories searched.
+Files are looked up in ``$CM_WEIGHTS`` (one or more directories, ``os.pathsep``-separated), then
+in the torch hub cache (``$TORCH_HOME/hub/checkpoints``), then, for a file published on the Hugging
+Face Hub (open_clip's tags), in the Hugging Face cache (``cm.hub.cache_dir``, where open_clip and
+``hf download`` put it). Nothing is downloaded implicitly: a missing file is one
+``FileNotFoundError`` naming the file, its URL and the places searched.
 ``cm weights fetch`` downloads on a machine with network (atomically: a partial download never
 takes the file's name).
 
@@ -20,17 +22,23 @@ import shutil
 import urllib.request
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
+from cm import hub
 from cm.errors import UserError
 from cm.files import atomic_path
 
 FULL_DIGEST = re.compile(r"[0-9a-f]{64}")
+HUB_URL = "https://huggingface.co/{}/resolve/main/{}"  # repo id, file name
+# What a truncated, corrupt or foreign weights file raises when read.
+READ_ERRORS = (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
 Status = Literal["ok", "MISSING", "CORRUPT", "UNCHECKED"]
 
 
@@ -41,7 +49,8 @@ class WeightsFile:
     ``sha256`` is the full hex digest where a published one is known; a shorter hex string is a
     prefix (torch hub's ``name-<prefix>.pth`` convention, the only digest some files have); None
     means no digest is known and the file is only ever read with ``weights_only=True``.
-    ``name`` is what ``cm weights fetch`` takes for it (for the error messages).
+    ``name`` is what ``cm weights fetch`` takes for it (for the error messages). ``hub_repo`` and
+    ``hub_files`` (preferred first) name its copy on the Hub, looked up in the Hugging Face cache.
     """
 
     filename: str
@@ -49,6 +58,8 @@ class WeightsFile:
     used_by: str
     sha256: str | None = None
     name: str = ""
+    hub_repo: str = ""
+    hub_files: tuple[str, ...] = ()
 
 
 # Full digests: torch hub names a file ``<name>-<first 8+ hex of its SHA-256>.pth``; the rest of
@@ -93,7 +104,9 @@ def clip_weights(model: str = "ViT-L-14", pretrained: str = "openai") -> Weights
     Stored as ``open_clip_<model>_<pretrained>.bin`` (the OpenAI tags are TorchScript archives,
     the others state dicts; ``cm.metrics`` reads both). OpenAI's URLs carry the file's full
     SHA-256 as their last directory (open_clip's ``download_pretrained_from_url`` checks it so);
-    Hugging Face tags publish none that open_clip records, so those files stay unchecked.
+    Hugging Face tags publish none that open_clip records, so those files stay unchecked. The
+    Hub home is open_clip's ``hf_hub`` (``timm/...`` for OpenAI's tags, state dicts there), with
+    the files open_clip looks for, safetensors first.
     """
     from open_clip.pretrained import get_pretrained_cfg
 
@@ -103,15 +116,18 @@ def clip_weights(model: str = "ViT-L-14", pretrained: str = "openai") -> Weights
             f"open_clip has no pretrained tag {pretrained!r} for {model!r}: see "
             "open_clip.list_pretrained() for the available pairs."
         )
-    url = cfg.get("url") or ""
-    if not url and cfg.get("hf_hub"):
-        repo = cfg["hf_hub"].rstrip("/")
-        url = f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin"
+    repo, hub_file = os.path.split(cfg.get("hf_hub") or "")  # "org/name/" or "org/name/file"
+    hub_file = hub_file or "open_clip_pytorch_model.bin"
+    safe = "open_clip_model" if hub_file == "open_clip_pytorch_model.bin" else hub_file[:-4]
+    # open_clip's own order: the safetensors alternative of a .bin/.pth first
+    hub_files = (f"{safe}.safetensors", hub_file) if hub_file.endswith((".bin", ".pth")) else ()
+    url = cfg.get("url") or (HUB_URL.format(repo, hub_file) if repo else "")
     parts = url.split("/")
     published = parts[-2] if "openaipublic" in url and FULL_DIGEST.fullmatch(parts[-2]) else None
-    used_by = f"CLIP score ({model}, {pretrained})"
-    filename = f"open_clip_{model}_{pretrained}.bin"
-    return WeightsFile(filename, url, used_by, published, f"clip:{model}:{pretrained}")
+    filename, used_by = f"open_clip_{model}_{pretrained}.bin", f"CLIP score ({model}, {pretrained})"
+    name = f"clip:{model}:{pretrained}"
+    hub_files = (hub_files or (hub_file,)) if repo else ()
+    return WeightsFile(filename, url, used_by, published, name, repo, hub_files)
 
 
 def is_torchscript(path: Path) -> bool:
@@ -149,8 +165,10 @@ def load_clip_state_dict(path: Path, spec: WeightsFile | None = None) -> dict[st
             for key in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(key, None)
             return dict(state)
+        if path.suffix == ".safetensors":  # a Hub copy (open_clip_model.safetensors)
+            return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+    except (*READ_ERRORS, SafetensorError) as error:
         raise UserError(
             f"Cannot read the CLIP weights '{path}' ({type(error).__name__}): download the file "
             f"again ({fetch_hint})."
@@ -164,15 +182,14 @@ def load_clip_state_dict(path: Path, spec: WeightsFile | None = None) -> dict[st
 def load_open_clip(model: str = "ViT-L-14", pretrained: str = "openai") -> tuple[Any, dict]:
     """The open_clip ``model`` with the offline ``pretrained`` weights (frozen, eval), and its cfg.
 
-    The file comes from ``find(clip_weights(model, pretrained))`` (one clear error when missing)
+    The file comes from ``locate(clip_weights(model, pretrained))`` (one clear error when missing)
     and is checked against its published SHA-256 where one is known; a file that does not fit
     the architecture is one clear error too.
     """
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg
 
-    spec = clip_weights(model, pretrained)
-    path = find(spec)
+    path, spec = locate(clip_weights(model, pretrained))
     cfg = get_pretrained_cfg(model, pretrained)
     clip = open_clip.create_model(
         model, pretrained=None, force_quick_gelu=bool(cfg.get("quick_gelu", False))
@@ -211,18 +228,44 @@ def entry(name: str | WeightsFile) -> WeightsFile:
     return REGISTRY[name]
 
 
-def find(name: str | WeightsFile) -> Path:
-    """The local path of a registered file, or one clear error naming file, URL and directories."""
+def hub_copy(spec: WeightsFile, filename: str) -> WeightsFile:
+    """The entry of the Hub's copy ``filename`` of ``spec``, with its digest only if the same file.
+
+    The published SHA-256 holds for a Hub copy that is the file at ``spec.url`` (open_clip's
+    Hugging Face tags); the Hub's copies of OpenAI's TorchScript files are other files (state
+    dicts): unchecked, like every Hugging Face tag, and never opened as TorchScript.
+    """
+    url = HUB_URL.format(spec.hub_repo, filename)
+    digest = spec.sha256 if url == spec.url else None
+    return replace(spec, filename=filename, url=url, sha256=digest)
+
+
+def locate(name: str | WeightsFile) -> tuple[Path, WeightsFile]:
+    """A registered file's local path and the entry of that copy (``find``, plus what to check).
+
+    Looks in ``weights_dirs()``, then, for a file published on the Hub, in the Hugging Face cache
+    (``spec.hub_files`` in order); one clear ``FileNotFoundError`` naming every place searched.
+    """
     spec = entry(name)
     for d in weights_dirs():
         if (d / spec.filename).is_file():
-            return d / spec.filename
+            return d / spec.filename, spec
+    for filename in spec.hub_files:
+        if (path := hub.cached_file(spec.hub_repo, filename)) is not None:
+            return path, hub_copy(spec, filename)
     where = ", ".join(str(d) for d in weights_dirs())
+    hf = f" or {hub.repo_folder(spec.hub_repo)} (the Hugging Face cache)" if spec.hub_repo else ""
     raise FileNotFoundError(
-        f"Weights file '{spec.filename}' ({spec.used_by}) not found in {where}: download it "
+        f"Weights file '{spec.filename}' ({spec.used_by}) not found in {where}{hf}: download it "
         f"from {spec.url} into one of these directories (or set CM_WEIGHTS to the folder that "
-        "holds it); on a machine with network, `cm weights fetch` does this."
+        "holds it); on a machine with network, `cm weights fetch` does this"
+        f"{f' (or `hf download {spec.hub_repo} {spec.hub_files[-1]}`)' if spec.hub_repo else ''}."
     )
+
+
+def find(name: str | WeightsFile) -> Path:
+    """The local path of a registered file, or one clear error naming file, URL and places."""
+    return locate(name)[0]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -274,11 +317,13 @@ def load_state_dict(name: str | WeightsFile, path: str | Path | None = None) -> 
         path: the file to read instead of looking it up (still checked against the digest).
     """
     spec = entry(name)
-    path = Path(path) if path is not None else find(spec)
+    if path is None:
+        path, spec = locate(spec)
+    path = Path(path)
     verify(spec, path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+    except READ_ERRORS as error:
         raise UserError(
             f"Cannot read the weights file '{path}' ({type(error).__name__}) as plain tensors: "
             f"download {spec.filename} again from {spec.url}."
@@ -300,14 +345,16 @@ def fetch(name: str | WeightsFile, directory: str | Path | None = None) -> Path:
     matches the published one (where known).
     """
     spec = entry(name)
-    present = None
+    present, copy = None, spec
     try:
-        present = find(spec)
+        present, copy = locate(spec)
     except FileNotFoundError:
         pass
-    if present is not None and matches(spec, sha256_file(present)):
+    if present is not None and matches(copy, sha256_file(present)):
         return present
-    default_dir = present.parent if present is not None else weights_dirs()[0]
+    # a bad copy is replaced in its own directory, never inside the Hugging Face cache
+    own = present is not None and present.name == spec.filename
+    default_dir = present.parent if own else weights_dirs()[0]
     target_dir = Path(directory) if directory is not None else default_dir
     target = target_dir / spec.filename
     try:
@@ -343,11 +390,13 @@ def check_one(name: str) -> Check:
     """Find and hash one registered file: ok, MISSING, CORRUPT, or UNCHECKED (no digest known)."""
     spec = entry(name)
     try:
-        path = find(spec)
+        path, copy = locate(spec)
     except FileNotFoundError:
         return Check(name, spec.filename, None, "MISSING", f"download from {spec.url}")
-    if spec.sha256 is None:
-        return Check(name, spec.filename, path, "UNCHECKED", "no published SHA-256")
+    if copy.sha256 is None:
+        where = "" if path.name == spec.filename else ", Hugging Face cache copy"
+        return Check(name, spec.filename, path, "UNCHECKED", f"no published SHA-256{where}")
+    spec = copy  # the digest that holds for the copy found
     digest = sha256_file(path)
     if not matches(spec, digest):
         detail = f"expected {spec.sha256[:16]}..., got {digest[:16]}..."

@@ -2,7 +2,8 @@
 
 One intra-op thread (tiny tensors on 2 shared cores thrash otherwise); ``tiny_text``: a tiny
 open_clip text tower with random weights in a ``CM_WEIGHTS`` dir; ``tiny_sd``: a tiny random
-Stable Diffusion directory (skipped without diffusers).
+Stable Diffusion directory (skipped without diffusers); every test runs offline with an empty
+Hugging Face cache (``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` under ``tmp_path``).
 """
 
 from pathlib import Path
@@ -27,3 +28,11 @@ def tiny_text(tmp_path, monkeypatch) -> Path:
 def tiny_sd(tmp_path) -> Path:
     """A diffusers directory with a tiny random UNet2DConditionModel and AutoencoderKL."""
     return write_tiny_sd(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def no_hugging_face_hub(tmp_path, monkeypatch) -> None:
+    """No test reads the user's Hugging Face cache or reaches the Hub (``cm.hub`` reads both
+    variables when called): an empty cache under ``tmp_path``, and offline."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -11,6 +11,7 @@ import json
 import pickle
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm.cli import main
 from cm.networks import ADMUNet, NCSNpp
+from cm.objectives.jvp import tangent
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -419,3 +422,104 @@ def write_imagenet_folders(root: Path) -> Path:
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "train" / wnid / f"{wnid}_{i}.JPEG")
     return root
+
+
+# -- activation checkpointing: same function, fewer saved activations --------------------------
+
+
+def saved_tensors(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the number of tensors autograd saved for its backward outside checkpoints
+    (``torch.utils.checkpoint`` saves through its own hooks, which hide these)."""
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), count
+
+
+def check_checkpointing(plain: nn.Module, ckpt: nn.Module, x: torch.Tensor, *args) -> None:
+    """``ckpt`` (``checkpointing: true``) loads ``plain``'s state dict strictly, under the same
+    keys, and computes the same training output and gradients (dropout drawn from one seed)
+    while saving far fewer tensors; in eval mode or without grad it saves as many."""
+    ckpt.load_state_dict(plain.state_dict())
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    runs = []
+    for net in (plain, ckpt):
+        net.train()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out, saved = saved_tensors(lambda net=net, xi=xi: net(xi, *args))
+        out.square().mean().backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        runs.append((out.detach(), xi.grad, grads, saved))
+        net.zero_grad()
+    (out0, gx0, g0, saved0), (out1, gx1, g1, saved1) = runs
+    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
+    assert g1.keys() == g0.keys() and len(g0) == len(list(plain.parameters()))
+    for name, grad in g0.items():
+        torch.testing.assert_close(g1[name], grad, rtol=0, atol=1e-6, msg=name)
+    assert saved1 < saved0 / 2, (saved1, saved0)
+    for net in (plain, ckpt):
+        net.eval()
+    assert saved_tensors(lambda: ckpt(x, *args))[1] == saved_tensors(lambda: plain(x, *args))[1]
+
+
+def check_checkpointed_tangent(plain: nn.Module, ckpt: nn.Module, x: torch.Tensor, *args) -> None:
+    """The sCT/MeanFlow tangent ``d/ds F(x + s dx, c + s dc)`` of a training-mode network is the
+    same with checkpointing: through ``cm.objectives.jvp.tangent`` (no grad: checkpointing is
+    bypassed) and through ``torch.func.jvp`` with grad enabled (checkpointing runs)."""
+    c_noise, *rest = args
+    gen = torch.Generator().manual_seed(3)
+    dx = torch.randn(x.shape, generator=gen)
+    dc = torch.rand(c_noise.shape, generator=gen) + 0.5
+    ckpt.load_state_dict(plain.state_dict())
+    results = []
+    for net in (plain, ckpt):
+        net.train()
+
+        def f(x: torch.Tensor, c: torch.Tensor, net=net) -> torch.Tensor:
+            return net(x, c, *rest)
+
+        torch.manual_seed(5)
+        no_grad = tangent(f, (x, c_noise), (dx, dc), precision="float32")
+        torch.manual_seed(5)
+        with sdpa_kernel(SDPBackend.MATH):
+            with_grad = torch.func.jvp(f, (x, c_noise), (dx, dc))[1]
+        results.append((no_grad, with_grad))
+    (a0, b0), (a1, b1) = results
+    assert a0.abs().mean() > 1e-4
+    torch.testing.assert_close(a1, a0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b1, b0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b0, a0, rtol=1e-4, atol=1e-5)  # grad mode changes kernels
+
+
+# -- a Hugging Face hub cache written by hand (no network) -------------------------------------
+
+
+def write_hf_snapshot(
+    cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "main"
+) -> Path:
+    """Lay ``files`` out in the Hugging Face cache ``cache`` as a download of model ``repo_id``
+    would (``models--OWNER--NAME/`` with ``blobs/``, ``snapshots/COMMIT/`` links, ``refs/``);
+    return the snapshot folder, which ``cm.hub.resolve(repo_id)`` finds offline."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import n_params, one_hot
+from helpers import check_checkpointed_tangent, check_checkpointing, n_params, one_hot
 from torch import nn
 
 from cm.errors import UserError
@@ -249,3 +249,23 @@ def test_double_norm_network_ignores_the_magnitude_of_the_shift():
         assert not torch.allclose(a, s, atol=1e-4)
         assert not torch.allclose(shift_times(adm, 5.0)(x, c, labels), a, atol=1e-4)
         torch.testing.assert_close(shift_times(scm, 5.0)(x, c, labels), s)
+
+
+def test_checkpointing_keeps_keys_outputs_and_gradients():
+    # Activation checkpointing (Chen et al. 2016) trades memory for recomputation only.
+    nets = [
+        perturb_zero_init(ADMUNet(**TINY, label_dim=10, dropout=0.1, checkpointing=c))
+        for c in (False, True)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, generator=gen)
+    labels = one_hot(torch.tensor([0, 1, 2, 3]), 10)
+    check_checkpointing(*nets, x, torch.randn(4, generator=gen), labels)
+
+
+def test_checkpointing_keeps_the_jvp_tangent():
+    nets = [perturb_zero_init(ADMUNet(**TINY, dropout=0.1, checkpointing=c)) for c in (False, True)]
+    gen = torch.Generator().manual_seed(0)
+    check_checkpointed_tangent(
+        *nets, torch.randn(4, 1, 8, 8, generator=gen), torch.rand(4, generator=gen)
+    )

@@ -705,8 +705,8 @@ def test_subprocess_one_line_and_debug_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: '{tmp_path / 'nope.ckpt'}' does not exist: expected an exported denoiser "
-        "directory (model.safetensors + config.json), a .ckpt written by cm fit, or a "
-        ".pt/.safetensors state dict."
+        "directory (model.safetensors + config.json), a .ckpt written by cm fit, a diffusers "
+        "folder or Hugging Face Hub id, or a .pt/.safetensors state dict."
     ]
     proc = subprocess.run(
         args, capture_output=True, text=True, env={**env, "CM_DEBUG": "1"}, timeout=120

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import n_params, one_hot
+from helpers import check_checkpointed_tangent, check_checkpointing, n_params, one_hot
 from test_jvp import central_difference, rel_error
 from torch import Tensor, nn
 from torch.func import jvp
@@ -220,3 +220,17 @@ def test_jvp_in_x_and_both_times_equals_central_difference():
         only = tuple(t if j == i else torch.zeros_like(t) for j, t in enumerate(tangents))
         with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
             assert jvp(f, primals, only)[1].abs().mean() > 1e-6
+
+
+@pytest.mark.parametrize("cls", [DiT, SiT])
+def test_checkpointing_keeps_keys_outputs_and_gradients(cls):
+    # Activation checkpointing (Chen et al. 2016) trades memory for recomputation only.
+    nets = [perturb(tiny(cls, dropout=0.1, checkpointing=c)) for c in (False, True)]
+    x, c_noise, labels = inputs()
+    check_checkpointing(*nets, x, c_noise, labels)
+
+
+def test_checkpointing_keeps_the_jvp_tangent():
+    nets = [perturb(tiny(dropout=0.1, checkpointing=c)) for c in (False, True)]
+    x, c_noise, labels = inputs()
+    check_checkpointed_tangent(*nets, x, c_noise / 1000, labels)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import n_params, one_hot
+from helpers import check_checkpointed_tangent, check_checkpointing, n_params, one_hot
 from torch import nn
 
 from cm.networks.ncsnpp import FIRResample, NCSNpp
@@ -213,3 +213,22 @@ def test_fir_resampling():
     torch.testing.assert_close(up[..., 1:-1, 1:-1], torch.ones(1, 2, 14, 14))
     with pytest.raises(ValueError):
         FIRResample("none")
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "residual"])
+def test_checkpointing_keeps_keys_outputs_and_gradients(encoder_type):
+    # Activation checkpointing (Chen et al. 2016) trades memory for recomputation only.
+    args = dict(TINY, label_dim=10, dropout=0.1, encoder_type=encoder_type)
+    nets = [perturb(NCSNpp(**args, checkpointing=c)) for c in (False, True)]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    labels = F.one_hot(torch.tensor([1, 7]), 10).float()
+    check_checkpointing(*nets, x, torch.randn(2, generator=gen), labels)
+
+
+def test_checkpointing_keeps_the_jvp_tangent():
+    nets = [perturb(NCSNpp(**{**TINY, "dropout": 0.1}, checkpointing=c)) for c in (False, True)]
+    gen = torch.Generator().manual_seed(0)
+    check_checkpointed_tangent(
+        *nets, torch.randn(2, 3, 16, 16, generator=gen), torch.rand(2, generator=gen)
+    )

@@ -13,10 +13,11 @@ import yaml
 from helpers import WIDTH, write_sd_pairs
 from PIL import Image
 
+from cm.checkpoint import load_checkpoint
 from cm.cli import main
 from cm.objectives.diffusion2gan import swap_contexts
 
-pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")
 CONFIG = Path(__file__).parents[1] / "configs" / "d2g_sd15.yaml"
 HEADS = ("skip_heads", "mid_heads", "dec_heads")
 
@@ -223,3 +224,12 @@ def test_d2g_sd15_tiny_end_to_end(tmp_path, tiny_sd, tiny_text, precision):
     samples = np.load(next(run.glob("**/samples/samples.npz")))["arr_0"]
     assert samples.shape == (4, 16, 16, 3) and samples.dtype == np.uint8
     assert Image.open(next(run.glob("**/samples/final.png"))).mode == "RGB"
+    if precision == "32-true":  # the student exports as the unet/ an SD 1.5 pipeline takes
+        ckpt = next(run.glob("**/checkpoints/*.ckpt"))
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "hf"),
+              "--format", "diffusers"])
+        unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "hf", subfolder="unet")
+        student, _ = load_checkpoint(ckpt)
+        expected = student.net.unet.state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in unet.state_dict().items())
+        assert "num_inference_steps=1" in (tmp_path / "hf" / "README.md").read_text()

@@ -5,15 +5,18 @@ and register their digest with ``helpers.register_weights`` (the check itself al
 """
 
 import builtins
+import dataclasses
 import hashlib
+import io
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import fit_args, register_weights
+from helpers import fit_args, register_weights, tiny_open_clip, write_hf_snapshot
 from torch import nn
 
 from cm import weights
@@ -216,3 +219,90 @@ def test_clip_entry_and_cli_check(tmp_path, cache, capsys):
     (cache / spec.filename).write_bytes(b"x")
     main(["weights", "check", "clip:ViT-B-32:laion2b_s34b_b79k"])
     assert "UNCHECKED" in capsys.readouterr().out  # no published digest: present, not verified
+
+
+# -- the Hugging Face cache (issue 19) ----------------------------------------------------------
+
+HUB_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+@pytest.fixture
+def hf_cache(tmp_path, cache, monkeypatch) -> Path:
+    """An empty Hugging Face cache (``HF_HUB_CACHE``) beside the empty weights directories."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def test_clip_entries_name_their_hub_home():
+    openai = weights.entry("clip:ViT-L-14:openai")  # open_clip's hf_hub: state dicts from timm
+    assert openai.hub_repo == "timm/vit_large_patch14_clip_224.openai"
+    assert openai.hub_files == HUB_NAMES
+    assert weights.hub_copy(openai, HUB_NAMES[1]).sha256 is None  # OpenAI's digest: another file
+    laion = weights.entry("clip:ViT-B-32:laion2b_s34b_b79k")
+    assert laion.hub_repo == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    assert laion.url == weights.HUB_URL.format(laion.hub_repo, HUB_NAMES[1])
+    assert not any(spec.hub_repo for spec in weights.REGISTRY.values())  # not on the Hub as such
+
+
+def test_find_looks_in_the_hugging_face_cache_last(hf_cache, cache):
+    spec = weights.WeightsFile("mine.bin", "https://example.invalid/mine.bin", "a test", None,
+                               "mine", "cm-test/clip", HUB_NAMES)  # fmt: skip
+    with pytest.raises(FileNotFoundError) as info:
+        weights.find(spec)
+    message = str(info.value)
+    assert str(cache) in message and str(hf_cache / "models--cm-test--clip") in message
+    assert f"`hf download cm-test/clip {HUB_NAMES[1]}`" in message
+    snapshot = write_hf_snapshot(hf_cache, "cm-test/clip", {HUB_NAMES[1]: b"bin"})
+    assert weights.find(spec) == snapshot / HUB_NAMES[1]
+    snapshot = write_hf_snapshot(hf_cache, "cm-test/clip", dict.fromkeys(HUB_NAMES, b"x"))
+    assert weights.find(spec) == snapshot / HUB_NAMES[0]  # safetensors first, as open_clip
+    (cache / "mine.bin").write_bytes(b"mine")
+    assert weights.find(spec) == cache / "mine.bin"  # CM_WEIGHTS first
+
+
+def test_a_hub_copy_must_match_a_published_digest(hf_cache, monkeypatch, capsys):
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buffer)
+    data = buffer.getvalue()
+    url = weights.HUB_URL.format("cm-test/trunk", "trunk.pth")  # the published file is the Hub's
+    spec = weights.WeightsFile("trunk-0.pth", url, "a test", "0" * 64, "trunk", "cm-test/trunk",
+                               ("trunk.pth",))  # fmt: skip
+    monkeypatch.setitem(weights.REGISTRY, "trunk", spec)
+    path = write_hf_snapshot(hf_cache, "cm-test/trunk", {"trunk.pth": data}) / "trunk.pth"
+    with pytest.raises(ValueError, match=f"'{path}'.*does not match the published SHA-256"):
+        weights.load_state_dict("trunk")
+    out = fails(["weights", "check", "trunk"], "trunk", capsys)
+    assert re.search(rf"trunk\s+CORRUPT\s+{path}", out)
+    digest = hashlib.sha256(data).hexdigest()
+    monkeypatch.setitem(weights.REGISTRY, "trunk", dataclasses.replace(spec, sha256=digest))
+    assert torch.equal(weights.load_state_dict("trunk")["w"], torch.ones(2))
+    assert weights.fetch("trunk") == path  # a good Hub copy: nothing to download
+    main(["weights", "check", "trunk"])
+    assert re.search(rf"trunk\s+ok\s+{path}", capsys.readouterr().out)
+
+
+def test_open_clip_from_the_hugging_face_cache(tmp_path, hf_cache, monkeypatch, capsys):
+    import open_clip
+    from safetensors.torch import save
+
+    model = tiny_open_clip("cm-test-hub-clip", tmp_path / "w2", monkeypatch)
+    (tmp_path / "w2" / weights.clip_weights("cm-test-hub-clip", "random").filename).unlink()
+    published = f"https://openaipublic.azureedge.net/clip/models/{'1' * 64}/tiny.pt"
+    pcfg = open_clip.pretrained._pcfg(url=published, hf_hub="cm-test/tiny-clip/")
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "cm-test-hub-clip", {"random": pcfg})
+    spec = weights.entry("clip:cm-test-hub-clip:random")
+    assert spec.sha256 == "1" * 64 and spec.hub_repo == "cm-test/tiny-clip"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_hf_snapshot(hf_cache, "cm-test/tiny-clip", {HUB_NAMES[0]: save(state)})
+    clip, _ = weights.load_open_clip("cm-test-hub-clip", "random")  # unchecked: another file
+    assert all(torch.equal(v, state[k]) for k, v in clip.state_dict().items())
+    main(["weights", "check", "clip:cm-test-hub-clip:random"])
+    out = capsys.readouterr().out
+    assert re.search(r"UNCHECKED .*\(no published SHA-256, Hugging Face cache copy\)", out)
+    # a TorchScript archive in the cache is never opened, even for an entry with OpenAI's digest
+    archive = tmp_path / "ts.bin"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 3)), archive)
+    shutil.rmtree(hf_cache)
+    write_hf_snapshot(hf_cache, "cm-test/tiny-clip", {HUB_NAMES[1]: archive.read_bytes()})
+    with pytest.raises(ValueError, match="TorchScript archive, which runs code"):
+        weights.load_open_clip("cm-test-hub-clip", "random")

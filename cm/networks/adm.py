@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cm.errors import UserError
 from cm.networks.attention import CrossAttention
+from cm.networks.checkpointing import checkpointed
 from cm.networks.embeddings import check_resolution, second_time_embedding, timestep_embedding
 from cm.networks.norms import GroupNorm, pixel_norm
 
@@ -280,6 +281,10 @@ class ADMUNet(nn.Module):
         second_time: embed a second time input ``c_noise_to`` (a flow map's ``t - r`` or ``r``,
             ``cm.flowmap``) with its own MLP added to the time embedding; its last layer starts
             at zero, so a diffusion checkpoint loads (non-strictly) into the same function.
+        checkpointing: recompute every encoder, middle and decoder block's activations in the
+            backward pass while training (Chen et al. 2016; ``cm.networks.checkpointing``):
+            trades about one extra forward pass per step for the blocks' activation memory.
+            Outputs, gradients and parameter names are unchanged.
     """
 
     def __init__(
@@ -302,6 +307,7 @@ class ADMUNet(nn.Module):
         context_dim: int = 0,
         double_norm: bool = False,
         second_time: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(img_resolution, channel_mult)
@@ -310,6 +316,7 @@ class ADMUNet(nn.Module):
         self.out_channels = out_channels
         self.label_dim = label_dim
         self.context_dim = context_dim
+        self.checkpointing = checkpointing
         self.model_channels = model_channels
         emb_ch = 4 * model_channels
 
@@ -414,9 +421,10 @@ class ADMUNet(nn.Module):
         h = x
         hs = []
         for block in self.encoder:
-            h = block(h, emb, context)
+            h = checkpointed(self.checkpointing, block, h, emb, context)
             hs.append(h)
-        h = self.middle(h, emb, context)
+        h = checkpointed(self.checkpointing, self.middle, h, emb, context)
         for block in self.decoder:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = checkpointed(self.checkpointing, block, h, emb, context)
         return self.out_conv(F.silu(self.out_norm(h)))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm.errors import UserError
+from cm.networks.checkpointing import checkpointed
 from cm.networks.embeddings import second_time_embedding, timestep_embedding
 
 
@@ -248,6 +249,10 @@ class DiT(nn.Module):
             (non-strictly) into a flow map then computes its old function, and fine-tuning
             starts from the diffusion model.
         dropout: dropout probability inside the MLPs (0 in the paper).
+        checkpointing: recompute every ``DiTBlock``'s activations in the backward pass while
+            training (Chen et al. 2016; ``cm.networks.checkpointing``): trades about one extra
+            forward pass per step for the blocks' activation memory (at DiT-XL/2 nearly all of
+            it). Outputs, gradients and parameter names are unchanged.
     """
 
     def __init__(
@@ -263,6 +268,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         second_time: bool = False,
         dropout: float = 0.0,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if img_resolution % patch_size:
@@ -280,6 +286,7 @@ class DiT(nn.Module):
         self.out_channels = out_channels
         self.label_dim = label_dim
         self.patch_size = patch_size
+        self.checkpointing = checkpointing
         grid = img_resolution // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -360,7 +367,7 @@ class DiT(nn.Module):
                 labels = c.new_zeros(n, self.label_dim)  # no class: the null embedding
             c = c + self.y_embedder(labels)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = checkpointed(self.checkpointing, block, tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
 
 
@@ -380,7 +387,7 @@ class SiT(DiT):
         out_channels: output channels; None = ``in_channels`` (no learned sigma).
         **kwargs: the other ``DiT`` arguments (``img_resolution``, ``label_dim``, ``patch_size``,
             ``hidden_size``, ``depth``, ``num_heads``, ``mlp_ratio``, ``second_time``,
-            ``dropout``), with DiT-XL/2's defaults.
+            ``dropout``, ``checkpointing``), with DiT-XL/2's defaults.
     """
 
     def __init__(

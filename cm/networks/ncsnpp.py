@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm.errors import UserError
+from cm.networks.checkpointing import checkpointed
 from cm.networks.embeddings import (
     FourierEmbedding,
     PositionalEmbedding,
@@ -97,6 +98,10 @@ class NCSNpp(nn.Module):
         second_time: embed a second time input ``c_noise_to`` (a flow map's ``t - r``,
             ``cm.flowmap``) with the same ``map_noise``, read by ``map_layer0`` beside the first
             as py-meanflow's ``[emb(t), emb(h)]`` (Geng et al. 2025; xavier over both halves).
+        checkpointing: recompute every residual block's activations (``UNetBlock``, with its
+            attention) in the backward pass while training (Chen et al. 2016;
+            ``cm.networks.checkpointing``): trades about one extra forward pass per step for the
+            blocks' activation memory. Outputs, gradients and parameter names are unchanged.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class NCSNpp(nn.Module):
         decoder_type: DecoderType = "standard",
         resample_filter: Sequence[int] = (1, 1),
         second_time: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(img_resolution, channel_mult)
@@ -125,6 +131,7 @@ class NCSNpp(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.label_dim = label_dim
+        self.checkpointing = checkpointing
         emb_ch = channel_mult_emb * model_channels
         noise_ch = channel_mult_noise * model_channels
         taps = tuple(resample_filter)
@@ -232,20 +239,21 @@ class NCSNpp(nn.Module):
         aux = x
         for level in self.enc:
             for down in level.entry:
-                h = down(h, emb)
+                h = checkpointed(self.checkpointing, down, h, emb)
                 if level.aux is not None:
                     h, aux = level.aux(h, aux)
                 skips.append(h)
             for blk in level.blocks:
-                h = blk(h, emb)
+                h = checkpointed(self.checkpointing, blk, h, emb)
                 skips.append(h)
 
         out = None
         for level in self.dec:
             for blk in level.entry:
-                h = blk(h, emb)
+                h = checkpointed(self.checkpointing, blk, h, emb)
             for blk in level.blocks:
-                h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+                h = torch.cat([h, skips.pop()], dim=1)
+                h = checkpointed(self.checkpointing, blk, h, emb)
             if level.head is not None:
                 out = level.head(h, out)
         return out

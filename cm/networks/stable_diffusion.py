@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cm.errors import UserError
+from cm.hub import local_or_cached
 from cm.precond import VPPrecond
 from cm.schedules import vp_sigmas
 from cm.vae import VAE, diffusers_module
@@ -76,11 +77,13 @@ def load_unet(path: str, dtype: str = "float32") -> tuple[nn.Module, Tensor, Pat
     """The ``UNet2DConditionModel`` of a local diffusers pipeline, its DDPM betas and its root.
 
     Args:
-        path: a local diffusers pipeline directory with ``unet/`` and ``scheduler/``.
+        path: a local diffusers pipeline directory with ``unet/`` and ``scheduler/``, or the
+            Hugging Face Hub id of one (``stable-diffusion-v1-5/stable-diffusion-v1-5``), read
+            from the HF cache (``cm.hub.resolve``).
         dtype: parameter dtype of the UNet (``float32``, ``float16`` or ``bfloat16``).
     """
     diffusers = _diffusers()
-    root = Path(path).expanduser()
+    root = local_or_cached(path, "Stable Diffusion pipeline")
     sched = root / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise FileNotFoundError(
