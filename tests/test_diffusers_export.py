@@ -204,14 +204,19 @@ def hub_cache(tmp_path, monkeypatch, folder, repo="openai/diffusers-cd-tiny"):
     return cache
 
 
-def test_hub_id_loads_offline_from_the_cache_and_a_missing_one_is_clear(tmp_path, monkeypatch):
+def test_hub_id_loads_offline_from_the_cache_and_a_missing_one_is_clear(
+    tmp_path, monkeypatch, capsys
+):
     """cm sample --ckpt_path OWNER/NAME reads the HF cache offline; absent, one clear error."""
     saved_pipeline(tmp_path / "cmp", diffusers.CMStochasticIterativeScheduler())
     cache = hub_cache(tmp_path, monkeypatch, tmp_path / "cmp")
     monkeypatch.chdir(tmp_path)  # no local folder named like the id
-    main(["sample", "--ckpt_path", "openai/diffusers-cd-tiny", "--num", "2",
+    main(["sample", "--denoiser", "openai/diffusers-cd-tiny", "--num", "2",  # the issue's form
           "--out", str(tmp_path / "s.npz")])
+    main(["sample", "--ckpt_path", "openai/diffusers-cd-tiny", "--num", "2",
+          "--out", str(tmp_path / "c.npz")])
     direct = np.load(tmp_path / "s.npz")["arr_0"]
+    assert np.array_equal(direct, np.load(tmp_path / "c.npz")["arr_0"])
     main(["sample", "--ckpt_path", str(tmp_path / "cmp"), "--num", "2",
           "--out", str(tmp_path / "d.npz")])
     assert np.array_equal(direct, np.load(tmp_path / "d.npz")["arr_0"])
@@ -219,6 +224,9 @@ def test_hub_id_loads_offline_from_the_cache_and_a_missing_one_is_clear(tmp_path
         load_denoiser("openai/diffusers-cd_imagenet64_l2")
     message = str(error.value)
     assert "openai/diffusers-cd_imagenet64_l2" in message and str(cache) in message
+    with pytest.raises(SystemExit):
+        main(["sample", "--num", "2", "--out", str(tmp_path / "x.npz")])
+    assert "error: cm sample needs --ckpt_path" in capsys.readouterr().err
 
 
 def test_exports_diffusers_cannot_express_are_one_clear_error(tmp_path):

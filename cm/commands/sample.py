@@ -35,9 +35,9 @@ def sample_parser() -> ArgumentParser:
     )
     add_ckpt_path_argument(
         p,
-        True,
-        "A .ckpt from cm fit, an exported denoiser directory, or a published "
-        ".pt/.safetensors state dict (with --format and --denoiser).",
+        False,
+        "A .ckpt from cm fit, an exported denoiser directory, a diffusers folder or its Hugging "
+        "Face Hub id, or a published .pt/.safetensors state dict (with --format and --denoiser).",
     )
     p.add_argument(
         "--num", type=int, default=256, help="Number of images (seeds seed..seed+num-1)."
@@ -117,7 +117,8 @@ def sample_parser() -> ArgumentParser:
         type=str | None,
         default=None,
         help="YAML/JSON file with the denoiser class_path/init_args for openai/edm checkpoints, "
-        "e.g. configs/teachers/openai_edm_imagenet64.yaml.",
+        "e.g. configs/teachers/openai_edm_imagenet64.yaml; without --ckpt_path, a diffusers "
+        "folder or Hub id (openai/diffusers-cd_imagenet64_l2) to sample.",
     )
     add_trust_option(p)
     return p
@@ -126,6 +127,13 @@ def sample_parser() -> ArgumentParser:
 def main(args: Sequence[str]) -> Path:
     """``cm sample``: seeded, batch-size-independent generation to an npz (and a PNG grid)."""
     cfg = sample_parser().parse_args(list(args))
+    if cfg.ckpt_path is None:  # `cm sample --denoiser OWNER/NAME`: a whole diffusers model
+        if cfg.denoiser is None or Path(cfg.denoiser).suffix.lower() in (".yaml", ".yml", ".json"):
+            raise UserError(
+                "cm sample needs --ckpt_path (a checkpoint, an export, a diffusers folder or Hub "
+                "id), or --denoiser naming a diffusers folder or Hub id."
+            )
+        cfg.ckpt_path, cfg.denoiser = cfg.denoiser, None
     check_outputs(cfg)
     device = resolve_device(cfg.device)
     denoiser, hparams = load_denoiser(
