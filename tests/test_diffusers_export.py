@@ -5,20 +5,21 @@ wrote, and cm on what ``save_pretrained`` wrote, each compared with the other's 
 """
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fit, last_ckpt
+import yaml
+from helpers import CONFIGS, fit, last_ckpt, write_hf_snapshot
 
 from cm.checkpoint import load_denoiser
 from cm.cli import main
 from cm.diffusers_io import export_pipeline, load_pipeline
-from cm.diffusers_layout import to_diffusers, unet_config
+from cm.diffusers_layout import adm_init_args, from_diffusers, to_diffusers, unet_config
 from cm.errors import UserError
 from cm.networks import ADMUNet
+from cm.networks.stable_diffusion import StableDiffusionDenoiser
 from cm.precond import ConsistencyPrecond, EDMPrecond
 from cm.teacher import PretrainedDenoiser
 
@@ -191,17 +192,11 @@ def test_diffusers_folder_as_cd_teacher_trains(tmp_path):
     assert last_ckpt(tmp_path).is_file()
 
 
-def hub_cache(tmp_path, monkeypatch, folder, repo="openai/diffusers-cd-tiny"):
-    """Put ``folder`` into a temporary Hugging Face cache as ``repo``'s main snapshot."""
-    cache = tmp_path / "hf"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, root / "snapshots" / commit)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
+def hub_cache(tmp_path, folder, repo="openai/diffusers-cd-tiny"):
+    """Put ``folder`` into the test's Hugging Face cache (conftest) as ``repo``'s snapshot."""
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    write_hf_snapshot(tmp_path / "hf-cache", repo, files)
+    return tmp_path / "hf-cache"
 
 
 def test_hub_id_loads_offline_from_the_cache_and_a_missing_one_is_clear(
@@ -209,7 +204,7 @@ def test_hub_id_loads_offline_from_the_cache_and_a_missing_one_is_clear(
 ):
     """cm sample --ckpt_path OWNER/NAME reads the HF cache offline; absent, one clear error."""
     saved_pipeline(tmp_path / "cmp", diffusers.CMStochasticIterativeScheduler())
-    cache = hub_cache(tmp_path, monkeypatch, tmp_path / "cmp")
+    cache = hub_cache(tmp_path, tmp_path / "cmp")
     monkeypatch.chdir(tmp_path)  # no local folder named like the id
     main(["sample", "--denoiser", "openai/diffusers-cd-tiny", "--num", "2",  # the issue's form
           "--out", str(tmp_path / "s.npz")])
@@ -280,3 +275,40 @@ def test_push_to_hub_uploads_the_export_folder(tmp_path, monkeypatch):
         "repo": "me/tiny-ct",
         "private": True,
     }
+
+
+def test_published_imagenet64_layout_maps_onto_the_cm_teacher_config():
+    """openai/diffusers-cd_imagenet64_l2's UNet2DModel (on meta) == configs/teachers' ADMUNet."""
+    config = {  # diffusers' scripts/convert_consistency_to_diffusers.py, IMAGENET_64_UNET_CONFIG
+        **TINY_UNET,
+        "sample_size": 64, "in_channels": 3, "out_channels": 3, "layers_per_block": 3,
+        "num_class_embeds": 1000, "block_out_channels": [192, 384, 576, 768],
+        "attention_head_dim": 64, "norm_num_groups": 32, "attn_norm_num_groups": 32,
+        "down_block_types": ["ResnetDownsampleBlock2D"] + ["AttnDownBlock2D"] * 3,
+        "up_block_types": ["AttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+    }
+    teacher = yaml.safe_load((CONFIGS / "teachers" / "openai_cd_imagenet64.yaml").read_text())
+    init = adm_init_args(config, "published")
+    assert {**teacher["init_args"]["net"]["init_args"], "num_groups": 32} == init
+    with torch.device("meta"):
+        unet = diffusers.UNet2DModel(**config)
+        net = ADMUNet(**init)
+    state = from_diffusers(unet.state_dict(), net, "published")  # every key, every shape
+    assert state.keys() == net.state_dict().keys()
+    assert sum(t.numel() for t in state.values()) == sum(p.numel() for p in unet.parameters())
+
+
+def test_stable_diffusion_and_teachers_by_hub_id(tmp_path, tiny_sd):
+    """An SD pipeline and a CM teacher named by Hub id come from the HF cache, offline."""
+    hub_cache(tmp_path, tiny_sd, "stable-diffusion-v1-5/tiny")
+    by_id = StableDiffusionDenoiser("stable-diffusion-v1-5/tiny", load_vae=True)
+    local = StableDiffusionDenoiser(str(tiny_sd), load_vae=True)
+    z, context = torch.randn(1, 4, 8, 8), torch.randn(1, 3, local.net.context_dim)
+    with torch.no_grad():
+        assert torch.equal(by_id(z, 5.0, context), local(z, 5.0, context))
+    saved_pipeline(tmp_path / "cmp", diffusers.CMStochasticIterativeScheduler())
+    hub_cache(tmp_path, tmp_path / "cmp")
+    teacher = PretrainedDenoiser("openai/diffusers-cd-tiny")
+    assert isinstance(teacher.module, ConsistencyPrecond)
+    with pytest.raises(FileNotFoundError, match="hf download stable-diffusion-v1-5/absent"):
+        StableDiffusionDenoiser("stable-diffusion-v1-5/absent")
