@@ -259,7 +259,7 @@ def test_bad_diffusers_folders_are_clear(tmp_path):
 
 def test_push_to_hub_uploads_the_export_folder(tmp_path, monkeypatch):
     """cm export --push_to_hub uploads exactly the written folder (push_folder faked here)."""
-    fit(tmp_path, 1)
+    fit(tmp_path, 2, "--trainer.log_every_n_steps=1")
     pushed = {}
 
     def fake_push(folder, repo_id, private=False):
@@ -275,6 +275,8 @@ def test_push_to_hub_uploads_the_export_folder(tmp_path, monkeypatch):
         "repo": "me/tiny-ct",
         "private": True,
     }
+    card = (out / "README.md").read_text()  # the metrics logged during training, the steps
+    assert "| train/loss |" in card and "Steps: 2" in card and "library_name: cm" in card
 
 
 def test_published_imagenet64_layout_maps_onto_the_cm_teacher_config():

@@ -16,10 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import write_hf_snapshot
+from helpers import fit, last_ckpt, write_hf_snapshot
 from huggingface_hub import constants as hf_constants
 
 from cm import hub
+from cm.cli import main
 from cm.errors import UserError
 
 REPO = "cm-test/tiny-pipeline"
@@ -289,3 +290,16 @@ def test_push_failures_are_one_user_error_and_keep_the_folder(tmp_path, fake_hub
     with pytest.raises(UserError, match="not a folder with files"):
         hub.push_folder(tmp_path / "nothing", "me/tiny-cm", token="hf_good")
     assert snapshot(folder) == files and not fake_hub.commits
+
+
+def test_cm_export_push_to_hub_sends_the_export_with_its_card(tmp_path, fake_hub, monkeypatch):
+    """``cm export --push_to_hub`` end to end against the fake Hub: every file, byte for byte."""
+    fit(tmp_path / "run", 1)
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    out = tmp_path / "export"
+    main(["export", "--ckpt_path", str(last_ckpt(tmp_path / "run")), "--out", str(out),
+          "--push_to_hub", "me/tiny-cm"])
+    (commit,) = fake_hub.commits
+    sent = {op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in commit[1:]}
+    assert sent == snapshot(out)
+    assert {"README.md", "model.safetensors", "config.json", "training_config.yaml"} == set(sent)

@@ -162,7 +162,7 @@ def model_card(hparams: dict[str, Any], run: dict[str, Any], kind: str, ema: boo
         "",
         f"# {denoiser.get('class_path', 'denoiser')} around {net.get('class_path', 'a network')}",
         "",
-        f"Trained with [cm](https://github.com/) ({objective}), exported by `cm export "
+        f"Trained with cm ({objective}), exported by `cm export "
         f"--format {'cm' if kind == 'cm' else 'diffusers'}` from `{run['file']}` "
         f"({'EMA' if ema else 'raw'} weights).",
         "",
