@@ -3,10 +3,12 @@
 A consistency model (``ConsistencyPrecond`` around an ``ADMUNet``) is written as the
 ``ConsistencyModelPipeline`` folder that ``openai/diffusers-cd_imagenet64_l2`` is (see
 ``cm.diffusers_layout``); a Diffusion2GAN student on Stable Diffusion as the ``unet/`` folder
-of ``UNet2DConditionModel`` that replaces SD 1.5's in its pipeline. Reading goes the other way
-for ADM-style ``UNet2DModel`` folders: ``CMStochasticIterativeScheduler`` becomes
-``ConsistencyPrecond`` (Song et al. 2023, App. C: ``c_noise = 250 ln(sigma + 1e-44)``), an
-EDM-preconditioned ``EDMEulerScheduler`` becomes ``EDMPrecond`` (Karras et al. 2022, Table 1).
+of ``UNet2DConditionModel`` that replaces SD 1.5's in its pipeline; an unconditional DDPM
+model (``VPPrecond``) as a ``DDIMPipeline``. Reading goes the other way for ADM-style
+``UNet2DModel`` folders: ``CMStochasticIterativeScheduler`` becomes ``ConsistencyPrecond``
+(Song et al. 2023, App. C: ``c_noise = 250 ln(sigma + 1e-44)``), ``DDIMScheduler`` and
+``DDPMScheduler`` become ``VPPrecond`` (Ho et al. 2020), an EDM-preconditioned
+``EDMEulerScheduler`` becomes ``EDMPrecond`` (Karras et al. 2022, Table 1).
 
 Folders are data: JSON configs and safetensors weights, read by cm itself; pickled
 ``diffusion_pytorch_model.bin`` weights are refused. ``diffusers`` is never imported here.
@@ -37,7 +39,7 @@ from cm.errors import UserError
 from cm.files import atomic_path
 from cm.networks.adm import ADMUNet
 from cm.networks.stable_diffusion import StableDiffusionDenoiser
-from cm.precond import ConsistencyPrecond, EDMPrecond
+from cm.precond import ConsistencyPrecond, EDMPrecond, VPPrecond
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULER, SCHEDULER_CONFIG, CARD = "scheduler", "scheduler_config.json", "README.md"
@@ -45,15 +47,47 @@ CM_NOISE_SCALE = 250.0  # CMStochasticIterativeScheduler.sigma_to_t: 1000 * 0.25
 PRECONDS = {
     "cm.precond.ConsistencyPrecond": ConsistencyPrecond,
     "cm.precond.EDMPrecond": EDMPrecond,
+    "cm.precond.VPPrecond": VPPrecond,
+}
+PIPELINES = {
+    "CMStochasticIterativeScheduler": "ConsistencyModelPipeline",
+    "DDIMScheduler": "DDIMPipeline",
 }
 
 
 def scheduler_config(denoiser: nn.Module, sigma_max: float) -> dict[str, Any]:
-    """The ``CMStochasticIterativeScheduler`` config equal to ``denoiser``'s preconditioning."""
+    """The diffusers scheduler config equal to ``denoiser``'s preconditioning.
+
+    A ``ConsistencyPrecond`` (noise_scale 250) is ``CMStochasticIterativeScheduler``; a
+    ``VPPrecond`` is ``DDIMScheduler`` with its betas, unclipped ``x0`` and ``leading`` timesteps
+    (``DDIMPipeline``'s deterministic DDIM is Euler on the PF-ODE, cm's ``ddim``).
+    """
+    if type(denoiser) is VPPrecond:
+        if getattr(network_of(denoiser), "label_dim", 0):
+            raise UserError(
+                "diffusers' DDIMPipeline samples unconditional models only; this DDPM model is "
+                "class-conditional: export it with --format cm."
+            )
+        T = denoiser.num_timesteps
+        linear = {"beta_schedule": "linear", "beta_start": 0.1 / T, "beta_end": 20.0 / T}
+        betas = linear if denoiser.schedule == "linear" else {"beta_schedule": "squaredcos_cap_v2"}
+        return {
+            "_class_name": "DDIMScheduler",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "num_train_timesteps": T,
+            **betas,
+            "clip_sample": False,  # cm's solvers do not clamp x0 between steps
+            "set_alpha_to_one": True,  # the last step lands on x0 (sigma = 0)
+            "steps_offset": 0,
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading",
+        }
     if not isinstance(denoiser, ConsistencyPrecond):
         raise UserError(
-            f"A {type(denoiser).__name__} is not a consistency model: only ConsistencyPrecond "
-            "models export as a diffusers ConsistencyModelPipeline; export it with --format cm."
+            f"A {type(denoiser).__name__} has no diffusers pipeline with the same "
+            "preconditioning: consistency models (ConsistencyPrecond) export as a "
+            "ConsistencyModelPipeline and DDPM models (VPPrecond) as a DDIMPipeline; export it "
+            "with --format cm."
         )
     if not math.isclose(denoiser.noise_scale, CM_NOISE_SCALE):
         raise UserError(
@@ -84,6 +118,11 @@ def precond_config(scheduler: Mapping[str, Any], net: dict[str, Any], source: st
             "class_path": "cm.precond.ConsistencyPrecond",
             "init_args": {"net": net, **init, "noise_scale": CM_NOISE_SCALE},
         }
+    if name in ("DDIMScheduler", "DDPMScheduler"):
+        return {
+            "class_path": "cm.precond.VPPrecond",
+            "init_args": {"net": net, **vp_init_args(scheduler, source)},
+        }
     edm = scheduler.get("precondition_type", "edm") == "edm"
     if name in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler") and edm:
         if scheduler.get("prediction_type", "epsilon") != "epsilon":
@@ -97,18 +136,38 @@ def precond_config(scheduler: Mapping[str, Any], net: dict[str, Any], source: st
         }
     raise UserError(
         f"'{source}' uses the scheduler {name!r}; cm reads CMStochasticIterativeScheduler "
-        "(consistency models) and EDM-preconditioned EDMEulerScheduler folders."
+        "(consistency models), DDIMScheduler/DDPMScheduler (DDPM) and EDM-preconditioned "
+        "EDMEulerScheduler folders."
     )
 
 
+def vp_init_args(scheduler: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``VPPrecond`` init_args of a DDPM/DDIM scheduler config, if cm builds the same betas."""
+    T = int(scheduler.get("num_train_timesteps", 1000))
+    kind = scheduler.get("beta_schedule", "linear")
+    start, end = float(scheduler.get("beta_start", 1e-4)), float(scheduler.get("beta_end", 0.02))
+    linear = kind == "linear" and math.isclose(start, 0.1 / T) and math.isclose(end, 20.0 / T)
+    if scheduler.get("prediction_type", "epsilon") != "epsilon" or scheduler.get("trained_betas"):
+        raise UserError(f"'{source}' is not an epsilon-prediction model with standard betas.")
+    if not linear and kind != "squaredcos_cap_v2":
+        raise UserError(
+            f"'{source}' uses {kind} betas from {start} to {end}; cm's VPPrecond builds Ho et "
+            "al.'s linear betas (1e-4 to 0.02 at T = 1000) and the cosine squaredcos_cap_v2."
+        )
+    return {"schedule": "linear" if linear else "cosine", "num_timesteps": T}
+
+
 def sampler_config(scheduler: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``Sampler`` of a scheduler: one consistency step, or EDM's 18-step Heun."""
+    """The ``Sampler`` of a scheduler: one consistency step, 50 DDIM steps or EDM's 18 Heun."""
     init: dict[str, Any] = {
         "sigma_min": float(scheduler.get("sigma_min", 0.002)),
         "sigma_max": float(scheduler.get("sigma_max", 80.0)),
     }
-    if scheduler.get("_class_name") == "CMStochasticIterativeScheduler":
+    name = scheduler.get("_class_name")
+    if name == "CMStochasticIterativeScheduler":
         init.update(solver="cm.solvers.consistency.onestep", num_steps=1)
+    elif name in ("DDIMScheduler", "DDPMScheduler"):  # DDIMPipeline's default: 50 DDIM steps
+        init = {"solver": "cm.solvers.ddim", "schedule": "vp", "num_steps": 50}
     else:
         init.update(solver="cm.solvers.heun", num_steps=18)
     return {"class_path": "cm.solvers.sampling.Sampler", "init_args": init}
@@ -137,10 +196,11 @@ def export_pipeline(
     card: str = "",
     files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a consistency model as a diffusers ``ConsistencyModelPipeline`` folder at ``path``.
+    """Write an ADM model as a diffusers pipeline folder at ``path`` (``scheduler_config``).
 
     Args:
-        denoiser: a ``ConsistencyPrecond`` (noise_scale 250) around an ``ADMUNet``.
+        denoiser: a ``ConsistencyPrecond`` (noise_scale 250; a ``ConsistencyModelPipeline``) or
+            an unconditional ``VPPrecond`` (a ``DDIMPipeline``) around an ``ADMUNet``.
         path: the output folder.
         sigma_max: the pipeline's starting noise level (the model's sampler's).
         card: the model card, written as ``README.md``.
@@ -153,7 +213,7 @@ def export_pipeline(
     net = network_of(denoiser)
     config = unet_config(net)
     index = {
-        "_class_name": "ConsistencyModelPipeline",
+        "_class_name": PIPELINES[scheduler["_class_name"]],
         "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", scheduler["_class_name"]],
         "unet": ["diffusers", "UNet2DModel"],

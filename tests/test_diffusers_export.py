@@ -20,7 +20,9 @@ from cm.diffusers_layout import adm_init_args, from_diffusers, to_diffusers, une
 from cm.errors import UserError
 from cm.networks import ADMUNet
 from cm.networks.stable_diffusion import StableDiffusionDenoiser
-from cm.precond import ConsistencyPrecond, EDMPrecond
+from cm.precond import ConsistencyPrecond, EDMPrecond, VPPrecond
+from cm.solvers import ddim
+from cm.solvers.sampling import Sampler
 from cm.teacher import PretrainedDenoiser
 
 diffusers = pytest.importorskip("diffusers")
@@ -231,7 +233,7 @@ def test_exports_diffusers_cannot_express_are_one_clear_error(tmp_path):
                   num_head_channels=16, num_groups=16)
     with pytest.raises(UserError, match="noise_scale 250"):
         export_pipeline(ConsistencyPrecond(net, noise_scale=0.25), tmp_path / "a")
-    with pytest.raises(UserError, match="not a consistency model"):
+    with pytest.raises(UserError, match="no diffusers pipeline"):
         export_pipeline(EDMPrecond(net), tmp_path / "b")
     mixed = ADMUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=16,
                     channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4],
@@ -248,8 +250,13 @@ def test_bad_diffusers_folders_are_clear(tmp_path):
     weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(FileNotFoundError, match="pickled .bin"):
         load_pipeline(tmp_path / "p")
-    saved_pipeline(tmp_path / "q", diffusers.DDPMScheduler())
-    with pytest.raises(UserError, match="DDPMScheduler"):
+    saved_pipeline(tmp_path / "ddpm", diffusers.DDPMScheduler())  # Ho et al.'s betas: cm's
+    assert type(load_pipeline(tmp_path / "ddpm")[0]) is VPPrecond
+    saved_pipeline(tmp_path / "sl", diffusers.DDPMScheduler(beta_schedule="scaled_linear"))
+    with pytest.raises(UserError, match="scaled_linear betas"):
+        load_pipeline(tmp_path / "sl")
+    saved_pipeline(tmp_path / "q", diffusers.PNDMScheduler())
+    with pytest.raises(UserError, match="PNDMScheduler"):
         load_pipeline(tmp_path / "q")
     config = tmp_path / "q" / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "flip_sin_to_cos": False}))
@@ -314,3 +321,36 @@ def test_stable_diffusion_and_teachers_by_hub_id(tmp_path, tiny_sd):
     assert isinstance(teacher.module, ConsistencyPrecond)
     with pytest.raises(FileNotFoundError, match="hf download stable-diffusion-v1-5/absent"):
         StableDiffusionDenoiser("stable-diffusion-v1-5/absent")
+
+
+def test_ddpm_model_exports_as_ddim_pipeline_and_loads_back(tmp_path):
+    """An unconditional VPPrecond: DDIMPipeline (eta 0) == cm's ddim on the same timesteps."""
+    net = ADMUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=16,
+                  channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4],
+                  num_head_channels=16, num_groups=16)
+    randomize(net, 3, 0.1)
+    denoiser = VPPrecond(net).eval()
+    export_pipeline(denoiser, tmp_path / "ddim")
+    pipe = diffusers.DDIMPipeline.from_pretrained(tmp_path / "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    steps = 10  # DDIMScheduler's "leading" timesteps 900, 800, ..., 0, then x0
+    sigmas = denoiser.sigmas[torch.arange(900, -1, -100)].tolist()
+    ours = Sampler(ddim, sigmas=sigmas).generate(denoiser, [0, 1], (1, 8, 8))[0]
+    for seed in (0, 1):
+        theirs = pipe(batch_size=1, generator=torch.Generator().manual_seed(seed), eta=0.0,
+                      num_inference_steps=steps, output_type="np").images[0]
+        # cm starts at sigma_900 z, DDIM at x_vp = z: sqrt(1 - abar_900) = 0.99994 apart
+        expected = torch.from_numpy(theirs).permute(2, 0, 1) * 2 - 1
+        torch.testing.assert_close(ours[seed], expected, atol=2e-3, rtol=0)
+        assert ours[seed].std() > 0.1
+    back, hparams = load_pipeline(tmp_path / "ddim")
+    assert type(back) is VPPrecond and back.schedule == "linear"
+    assert hparams["sampler"]["init_args"]["solver"] == "cm.solvers.ddim"
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(back(x, 3.0), denoiser(x, 3.0))
+    conditional = VPPrecond(ADMUNet(img_resolution=8, in_channels=1, out_channels=1,
+                                    label_dim=10, model_channels=16, channel_mult=[1, 2],
+                                    num_res_blocks=1, num_head_channels=16, num_groups=16))
+    with pytest.raises(UserError, match="unconditional models only"):
+        export_pipeline(conditional, tmp_path / "c")
