@@ -29,6 +29,7 @@ from cm.diffusers_layout import is_diffusers_folder
 from cm.errors import UserError
 from cm.files import atomic_path
 from cm.hub import local_or_cached
+from cm.sharded import is_sharded, read_sharded
 from cm.trust import check_config
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -176,9 +177,12 @@ def load_submodule(
         absent: the error when it holds no ``key`` config (``{path}``, ``{key}`` filled in).
     """
     path = Path(path)
-    if not path.is_file():
+    if is_sharded(path):  # a checkpoint directory of cm.training.FSDP: weights, no optimizers
+        ckpt = read_sharded(path, optimizers=False)
+    elif not path.is_file():
         raise FileNotFoundError(missing.format(path=path))
-    ckpt = load_weights_only(path, map_location)
+    else:
+        ckpt = load_weights_only(path, map_location)
     hparams = dict(ckpt.get("hyper_parameters", {})) if isinstance(ckpt, dict) else {}
     config = hparams.get(key)
     if not isinstance(config, dict) or "class_path" not in config:
@@ -241,7 +245,7 @@ def load_any(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A denoiser from a ``.ckpt`` file or an exported directory, with its hparams (may be {})."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         denoiser = load(path, trust_config=trust_config)
         config = read_export_config(path)
         check_config(config, path / CONFIG, trust_config)  # the sampler too

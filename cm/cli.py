@@ -29,6 +29,7 @@ COMMANDS = {
     "predict": ("cm.commands.fit", "sample or write ODE pairs through a config's writer"),
     "sample": ("cm.commands.sample", "generate images from a checkpoint or exported denoiser"),
     "export": ("cm.commands.export", "write a bare denoiser (safetensors + config.json)"),
+    "consolidate": ("cm.commands.consolidate", "a sharded (FSDP) checkpoint as one .ckpt file"),
     "data": ("cm.commands.data", "inspect a dataset on disk: count, shape, labels, preview"),
     "eval": ("cm.commands.eval", "FID/IS/KID/precision/recall of samples; reference statistics"),
     "edit": ("cm.commands.edit", "zero-shot inpaint/colorize/superres/sdedit/denoise/interpolate"),

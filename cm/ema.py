@@ -1,7 +1,12 @@
 """Evaluation EMA of a denoiser: constant decay or EDM's half-life in images."""
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 
 class EMA:
@@ -44,9 +49,35 @@ class EMA:
 
 @torch.no_grad()
 def lerp_(target: nn.Module, source: nn.Module, weight: float) -> None:
-    """``target <- target + weight (source - target)`` over parameters; buffers are copied."""
+    """``target <- target + weight (source - target)`` over parameters; buffers are copied.
+
+    A ``source`` sharded by FSDP2 (``cm.training.FSDP``) into a replicated ``target`` (the EMA,
+    CD's target network) is gathered whole for the update (``full_weights``); a target sharded
+    alike blends shard by shard.
+    """
     params = list(target.parameters())
-    if params:
-        torch._foreach_lerp_(params, [p.detach() for p in source.parameters()], weight)
+    gather = any(isinstance(p, DTensor) for p in source.parameters()) and not any(
+        isinstance(p, DTensor) for p in params
+    )
+    with full_weights(source) if gather else contextlib.nullcontext():
+        if params:
+            torch._foreach_lerp_(params, [p.detach() for p in source.parameters()], weight)
     for b_t, b in zip(target.buffers(), source.buffers(), strict=True):
         b_t.copy_(b)
+
+
+@contextlib.contextmanager
+def full_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``module``'s FSDP2-sharded parameters are whole (on every rank).
+
+    One all-gather per FSDP unit (``FSDPModule.unshard``), so every rank must enter it; the
+    shards are back in place on exit. Unsharded modules pass through unchanged.
+    """
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit in units:
+            unit.reshard()

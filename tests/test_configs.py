@@ -491,6 +491,8 @@ def test_full_size_networks_build_on_meta(name):
     )
     if "class_path" in config and "model" not in config:  # configs/teachers: a denoiser
         denoisers = [config]
+    elif "model" not in config:  # configs/strategies: a trainer overlay for any config
+        denoisers = []
     else:
         model = config["model"]["init_args"]
         teachers = (o for o in objects(model) if o["class_path"].endswith("PretrainedDenoiser"))

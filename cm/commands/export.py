@@ -26,6 +26,7 @@ from cm.diffusers_layout import INDEX, UNET
 from cm.files import atomic_path, check_output_dir
 from cm.hub import push_folder
 from cm.networks.stable_diffusion import StableDiffusionDenoiser
+from cm.sharded import is_sharded, read_meta
 
 TRAINING_CONFIG = "training_config.yaml"  # the run's full config.yaml, copied next to the card
 
@@ -98,7 +99,10 @@ def _write_text(folder: Path, texts: dict[str, str]) -> None:
 
 def run_info(ckpt: Path) -> dict[str, Any]:
     """What a model card tells about the run of ``ckpt``: steps, logged metrics, config."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    if is_sharded(ckpt):  # cm.training.FSDP's checkpoint directory: step and callbacks
+        state = read_meta(ckpt)
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     info: dict[str, Any] = {
         "file": ckpt.name,
         "step": int(state.get("global_step", 0)),

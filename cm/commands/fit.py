@@ -14,9 +14,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from cm.checkpoint import load_weights_only
 from cm.errors import UserError
+from cm.sharded import check_metadata, is_sharded, read_meta
 from cm.training.overrides import compare
 from cm.training.resilience import Preemption
 from cm.training.rundir import RunDir, resolve_last
+from cm.training.sharding import FSDP
 from cm.trust import add_trust_option, check_config
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -40,6 +42,13 @@ class CMCLI(LightningCLI):
             # Lightning's "last" looks in one directory and silently starts over when it is empty.
             resume = resolve_last(trainer)
             config["ckpt_path"] = str(resume)
+        path = config.get("ckpt_path") if config is not None else None
+        if path and is_sharded(path) and not isinstance(trainer.strategy, FSDP):
+            raise UserError(
+                f"'{path}' is a sharded checkpoint (a directory written under cm.training.FSDP): "
+                "resume it under the same strategy (--config configs/strategies/fsdp.yaml), or "
+                f"write it as one file with `cm consolidate {path} --out FILE.ckpt` and pass that."
+            )
         # An exclusive version_N per run: concurrent runs in one root never share a last.ckpt.
         self.run_dir = RunDir.prepare(trainer, resume if self.subcommand == "fit" else None)
         return trainer
@@ -59,9 +68,12 @@ class CMCLI(LightningCLI):
         config = self.config[subcommand]
         path = config.get("ckpt_path")
         _check_ckpt_path(path)
-        if not path or not Path(path).is_file():
+        if path and is_sharded(path):  # cm.training.FSDP's checkpoint directory
+            ckpt = read_meta(path)
+        elif not path or not Path(path).is_file():
             return
-        ckpt = load_weights_only(path)
+        else:
+            ckpt = load_weights_only(path)
         hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
         check_config(hparams, path, bool(config.get("trust_config")))
         model = config.get("model")
@@ -69,7 +81,13 @@ class CMCLI(LightningCLI):
         self.resume_overrides = compare(path, hparams, model)
 
     def before_fit(self) -> None:
-        """Apply optimizer/scheduler overrides given beside ``--ckpt_path`` to its states."""
+        """Refuse what cannot train sharded; apply overrides given beside ``--ckpt_path``.
+
+        Under ``cm.training.FSDP`` the module's ``check_sharding`` runs here, before the other
+        ranks start, so that a refusal is one error line rather than a rank's crash.
+        """
+        if isinstance(self.trainer.strategy, FSDP) and hasattr(self.model, "check_sharding"):
+            self.model.check_sharding()
         if self.resume_overrides:
             self.trainer.callbacks.append(self.resume_overrides)
 
@@ -93,6 +111,9 @@ def _check_ckpt_path(path: str | None) -> None:
     if path is None or path in ("last", "best", "hpc") or path.startswith("registry"):
         return
     if "://" in path:  # a remote checkpoint (s3://, gs://, ...): Lightning's fsspec reads it
+        return
+    if is_sharded(path):  # a directory of shards (cm.training.FSDP): its index is checked
+        check_metadata(path)
         return
     if not Path(path).is_file():
         raise FileNotFoundError(

@@ -60,6 +60,10 @@ class SampleDraws:
         """The local ``n`` values of a global draw (all of them when unset)."""
         return values if self.seed is None else values[self.offset : self.offset + n]
 
+    def local(self, values: Tensor, n: int) -> Tensor:
+        """The local ``n`` rows of a ``whole`` draw (``randn(..., whole=True)``) ``[n, ...]``."""
+        return self._slice(values, n)
+
     def randn_like(self, x: Tensor) -> Tensor:
         """Standard normal noise shaped like ``x`` ``[N, ...]``, sample by sample when set."""
         if self.seed is None:
@@ -74,10 +78,17 @@ class SampleDraws:
         self._noise_draws += 1
         return noise
 
-    def randn(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """``n`` standard normal float32 values ``[n]``."""
+    def randn(
+        self, n: int, device: torch.device | str | None = None, whole: bool = False
+    ) -> Tensor:
+        """``n`` standard normal float32 values ``[n]``.
+
+        With ``whole`` the values of the step's whole batch ``[total]`` (alike on every rank;
+        ``local`` takes this rank's), for a decision every rank must take alike.
+        """
         total, kw = self._args(n, device)
-        return self._slice(torch.randn(total, **kw), n)
+        values = torch.randn(total, **kw)
+        return values if whole else self._slice(values, n)
 
     def rand(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``n`` uniform float32 values in ``[0, 1)`` ``[n]``."""

@@ -97,18 +97,21 @@ class ConsistencyTuning(ConsistencyObjective):
         self, denoiser: nn.Module, x0: Tensor, labels: Tensor | None, step: int, total_steps: int
     ) -> Tensor:
         """Per-sample ECT loss ``[N]`` at training ``step`` (``total_steps`` is unused)."""
-        stage = self.stage(step)
-        ln_t = self.draws.randn(x0.shape[0], x0.device).double() * self.p_std + self.p_mean
-        t = ln_t.exp()  # float64 [N]
-        r = self.r(t, stage)
+        stage, size = self.stage(step), x0.shape[0]
+        # The whole step's batch, so that every rank takes the branch below alike: under
+        # cm.training.FSDP each network call gathers weights, a collective of all ranks.
+        ln_t = self.draws.randn(size, x0.device, whole=True).double() * self.p_std + self.p_mean
+        t_all = ln_t.exp()  # float64 [total]
+        r_all = self.r(t_all, stage)
+        t, r = self.draws.local(t_all, size), self.draws.local(r_all, size)  # [N]
         n = self.draws.randn_like(x0)  # one noise for x_t and x_r
         x_t, x_r = x0 + column(t, x0) * n, x0 + column(r, x0) * n
-        if bool((r > 0).any()):
+        if bool((r_all > 0).any()):
             f_t, f_r = self.online_and_target(denoiser, x_t, t, x_r, r, labels)
             # where, not a masked sum: the r = 0 rows' network output never enters the target.
             keep = (r > 0).view(-1, *[1] * (x0.ndim - 1))
             f_r = torch.where(keep, f_r.to(x0.dtype), x0)
-        else:  # every r = 0: the target is x0, no second call
+        else:  # every r = 0 (on every rank): the target is x0, no second call
             f_t, f_r = denoiser(x_t, t.to(x0.dtype), labels), x0
         self._last = {"stage": float(stage), "dt": (t - r).mean().item()}
         return self.weight(r, t).to(x0.dtype) * self.distance(f_t, f_r)

@@ -10,12 +10,14 @@ from cm.training.pair_data import PairDataModule, PairDataset
 from cm.training.pairs import PairGenerator, PairSeedDataModule, PairWriter
 from cm.training.prediction import NpzWriter, SeedDataModule
 from cm.training.resilience import Preemption
+from cm.training.sharding import FSDP
 from cm.training.speed import Compile
 
 __all__ = [
     "AMEDModule",
     "Compile",
     "DenoiserModule",
+    "FSDP",
     "Diffusion2GANModule",
     "GenerativeMetrics",
     "ImageDataModule",

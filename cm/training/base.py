@@ -24,6 +24,7 @@ from cm.ema import EMA
 from cm.errors import UserError
 from cm.io import image_spec, to_uint8
 from cm.solvers.sampling import Sampler, generate_text_or_latent, is_latent
+from cm.training.sharding import FSDP
 
 Nonfinite = Literal["skip", "stop"]
 
@@ -38,6 +39,19 @@ class ConfiguredModule(L.LightningModule):
         # not be pickled into checkpoints (they are read weights_only).
         if _given_hyperparameters.get() is not None:
             self.save_hyperparameters()
+
+    def configure_model(self) -> None:
+        """Under ``cm.training.FSDP``, shard the trainable networks; other strategies: nothing."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP):
+            self.check_sharding()
+            strategy.shard(self)
+
+    def check_sharding(self) -> None:
+        """Raise a ``UserError`` if this module cannot train under ``cm.training.FSDP``.
+
+        ``cm fit`` calls it before the ranks start (one error line), ``configure_model`` again.
+        """
 
 
 class GuardedModule(ConfiguredModule):
@@ -179,6 +193,21 @@ class GenerativeModule(GuardedModule):
         if ema is not None:
             self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
         self.sampler = sampler if sampler is not None else Sampler()
+
+    def check_sharding(self) -> None:
+        """Sampling under ``cm.training.FSDP`` needs the EMA copy (see ``ConfiguredModule``).
+
+        The EMA stays replicated, so rank 0 alone can sample grids and ranks can sample unequal
+        seed shares; the sharded online denoiser can only run on all ranks at once.
+        """
+        if self.ema_denoiser is None:
+            raise UserError(
+                "cm.training.FSDP samples with the replicated EMA copy, and this "
+                f"{type(self).__name__} has none: set model.init_args.ema (e.g. "
+                "{class_path: cm.ema.EMA, init_args: {decay: 0.0}} keeps a copy of the online "
+                "weights), or train with trainer.strategy=ddp."
+            )
+        super().check_sharding()
 
     @property
     def eval_denoiser(self) -> nn.Module:

@@ -141,6 +141,18 @@ class Diffusion2GANModule(GenerativeModule):
         """G's input noise level: the first sigma of the sampler's grid (``onestep``'s ``T``)."""
         return float(self.sampler.grid(self.denoiser)[0])
 
+    def check_sharding(self) -> None:
+        """Under ``cm.training.FSDP`` G and D are sharded, but R1 has no double backward there."""
+        if self.r1_gamma > 0 and self.r1_interval > 0:
+            # FSDP2 frees D's gathered weights after R1's first backward (autograd.grad); the
+            # second backward through that graph would then read freed memory.
+            raise UserError(
+                "Diffusion2GAN's R1 penalty needs a double backward through the discriminator, "
+                "which cm.training.FSDP does not support: set model.init_args.r1_gamma to 0, or "
+                "train with trainer.strategy=ddp_find_unused_parameters_true."
+            )
+        super().check_sharding()
+
     def configure_optimizers(self):  # noqa: D102 - Lightning hook
         opt_g = self.optimizer_factory(self.denoiser.parameters())
         if self.discriminator is None:

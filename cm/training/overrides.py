@@ -105,7 +105,9 @@ class ResumeOverrides(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Runs before Lightning loads optimizer_states and lr_schedulers from this same dict.
-        states = checkpoint.get("optimizer_states") or []
+        states = checkpoint.get("optimizer_states")
+        if states is None:  # sharded (cm.training.FSDP): already loaded into the optimizers
+            states = [{"param_groups": optimizer.param_groups} for optimizer in trainer.optimizers]
         schedulers = checkpoint.get("lr_schedulers") or []
         for index, (state, changes) in enumerate(zip(states, self.optimizers, strict=False)):
             for key, (old, new) in changes.items():
