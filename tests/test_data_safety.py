@@ -238,7 +238,8 @@ def test_export_onto_existing_export_needs_overwrite(ckpt, tmp_path, capsys):
     with unchanged(ckpt.parents[2]):
         main([*args, "--overwrite"])
     assert "denoiser" in (out / "config.json").read_text()
-    assert listing(tmp_path) == ["export", "export/config.json", "export/model.safetensors"]
+    exported = ["README.md", "config.json", "model.safetensors", "training_config.yaml"]
+    assert listing(tmp_path) == ["export", *(f"export/{name}" for name in exported)]
 
 
 def test_data_preview_is_exact_and_outside_the_dataset(tmp_path, capsys):

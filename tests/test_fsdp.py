@@ -100,6 +100,7 @@ def test_sharded_checkpoint_errors_name_the_way_out(sharded, tmp_path, capsys):
     fails(elsewhere, "not a sharded checkpoint", capsys)
 
 
+@pytest.mark.slow  # README's `pytest` skips it; .ci/run runs `pytest -m slow` too
 @pytest.mark.parametrize(
     "config, extra",
     [
@@ -119,6 +120,7 @@ def test_two_rank_fsdp_matches_one_process(tmp_path, config, extra):
     assert_same_training_state(single, fsdp)
 
 
+@pytest.mark.slow
 def test_preempted_fsdp_run_resumes_bitwise(tmp_path):
     # SIGTERM to rank 0 mid-step 6: both ranks write last.ckpt/ at the step boundary (step 7);
     # `--ckpt_path last` finds the directory and ends bitwise as the uninterrupted run.
@@ -138,6 +140,7 @@ def test_preempted_fsdp_run_resumes_bitwise(tmp_path):
     assert_identical(*(read_sharded(r / "version_0/checkpoints/last.ckpt") for r in (whole, cut)))
 
 
+@pytest.mark.slow
 def test_sharded_resume_applies_lr_override(sharded, tmp_path):
     # The shards restore the optimizers before the callbacks see the checkpoint: a new lr
     # beside --ckpt_path must still reach them (cm.training.overrides).
@@ -170,6 +173,7 @@ def d2g_args(root: Path, pairs: Path, *extra: str) -> list[str]:
     return [*args, "--data.init_args.batch_size=8", *extra]
 
 
+@pytest.mark.slow
 def test_diffusion2gan_shards_generator_and_discriminator(tmp_path, capsys):
     # Manual optimization of G and D, mix-and-match over the gathered batch: 2 ranks under
     # FSDP equal one process (test_diffusion2gan: and 2-rank DDP). R1 is refused at once.

@@ -68,7 +68,7 @@ def main(args: Sequence[str]) -> Path:
     # Before reading the checkpoint: never into its folder, never over an export unasked.
     ckpt = Path(cfg.ckpt_path)
     names = (WEIGHTS, CONFIG) if cfg.format == "cm" else (INDEX, UNET)
-    check_output_dir(cfg.out, (*names, CARD), [ckpt], [ckpt.parent], cfg.overwrite)
+    check_output_dir(cfg.out, (*names, CARD, TRAINING_CONFIG), [ckpt], [ckpt.parent], cfg.overwrite)
     denoiser, hparams = load_checkpoint(cfg.ckpt_path, cfg.ema, trust_config=cfg.trust_config)
     run = run_info(ckpt)
     files = {TRAINING_CONFIG: run["config"]} if run["config"] else {}
