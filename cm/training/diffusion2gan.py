@@ -35,12 +35,14 @@ ddp_find_unused_parameters_true``. The teacher (a ``cm.io.PretrainedDenoiser``) 
 initialises G and D and is never stored.
 """
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm.data.stream import step_seed
@@ -141,17 +143,6 @@ class Diffusion2GANModule(GenerativeModule):
         """G's input noise level: the first sigma of the sampler's grid (``onestep``'s ``T``)."""
         return float(self.sampler.grid(self.denoiser)[0])
 
-    def check_sharding(self) -> None:
-        """Under ``cm.training.FSDP`` G and D are sharded, but R1 has no double backward there."""
-        if self.r1_gamma > 0 and self.r1_interval > 0:
-            # FSDP2 frees D's gathered weights after R1's first backward (autograd.grad); the
-            # second backward through that graph would then read freed memory.
-            raise UserError(
-                "Diffusion2GAN's R1 penalty needs a double backward through the discriminator, "
-                "which cm.training.FSDP does not support: set model.init_args.r1_gamma to 0, or "
-                "train with trainer.strategy=ddp_find_unused_parameters_true."
-            )
-        super().check_sharding()
 
     def configure_optimizers(self):  # noqa: D102 - Lightning hook
         opt_g = self.optimizer_factory(self.denoiser.parameters())
@@ -217,14 +208,17 @@ class Diffusion2GANModule(GenerativeModule):
         r1 = torch.zeros((), device=z.device)
         if self.r1_gamma > 0 and is_lazy_step(self.iteration, self.r1_interval):
             index = int(torch.randint(x_all.shape[0], (), generator=generator)) - mine.start
-            if 0 <= index < n:
+            mine_r1 = 0 <= index < n
+            if mine_r1 or is_sharded(D):
+                # A sharded D's forward and backward are collectives: every rank runs R1 (on
+                # its first row when the sample is another rank's) and only the owner's counts.
                 # Lazy: the penalty applied every r1_interval steps carries r1_interval times its
                 # weight, so its average strength matches R1 on every step (StyleGAN2, Sec. 3.1).
                 # R1 differentiates a gradient: fused attention kernels (flash, memory-efficient;
                 # e.g. diffusers' SDPA processor) have no double backward, the math kernel has.
                 with sdpa_kernel(SDPBackend.MATH):
-                    r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index)
-                r1 = r1 * (self.r1_interval * self._world_size())
+                    r1 = r1_penalty(D, x, z, labels, self.r1_gamma, index if mine_r1 else 0)
+                r1 = r1 * (self.r1_interval * self._world_size() if mine_r1 else 0.0)
         score = torch.stack([m.mean() for m in real_logits]).mean().detach()
         return loss, r1, score
 
@@ -252,8 +246,10 @@ class Diffusion2GANModule(GenerativeModule):
         logs = {"train/loss": loss_g.detach(), "train/regression": reg.detach()}
 
         if self.discriminator is not None:
-            loss_d, r1, score = self.discriminator_loss(z, x, x_hat, labels)
-            self._step(optimizers[1], loss_d + r1, count=False)
+            r1_step = self.r1_gamma > 0 and is_lazy_step(self.iteration, self.r1_interval)
+            with kept_gathered(self.discriminator, r1_step):
+                loss_d, r1, score = self.discriminator_loss(z, x, x_hat, labels)
+                self._step(optimizers[1], loss_d + r1, count=False)
             logs.update({"train/gan_g": adv.detach(), "train/gan_d": loss_d.detach()})
             logs["train/d_real"] = score
             if is_lazy_step(self.iteration, self.r1_interval):
@@ -284,3 +280,27 @@ class Diffusion2GANModule(GenerativeModule):
         """Restore the iteration counter."""
         super().on_load_checkpoint(checkpoint)
         self.iteration = int(checkpoint.get("diffusion2gan_iteration", 0))
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (``cm.training.FSDP``) sharded any part of ``module``."""
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def kept_gathered(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Keep a sharded ``module``'s gathered weights through the block's backward passes.
+
+    R1 (Mescheder et al. 2018) differentiates D's input gradient: its first backward
+    (``autograd.grad(create_graph=True)``) would let FSDP2 free the gathered weights that the
+    second (the optimizer step's) reads again. Resharding waits for the end of the block.
+    """
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)] if enabled else []
+    for unit in units:
+        unit.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_backward(True, recurse=False)
+            unit.reshard()
