@@ -162,7 +162,8 @@ def from_diffusers(state: Mapping[str, Tensor], net: ADMUNet, source: str) -> di
         used.update(names)
         if key == "label_embed.weight":
             t = t.t()
-        t = t.reshape(target[key].shape) if t.numel() == target[key].numel() else t
+        if t.dim() == 2 and target[key].dim() == 4:
+            t = t[..., None, None]  # to_q/to_k/to_v/to_out Linear -> ADM's 1x1 convolutions
         if t.shape != target[key].shape:
             raise UserError(
                 f"'{source}' tensor {names[0]!r} has shape {list(t.shape)} where the UNet "

@@ -9,7 +9,6 @@ command that reproduces it. ``--push_to_hub OWNER/NAME`` then uploads the folder
 """
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,7 +143,8 @@ def model_card(hparams: dict[str, Any], run: dict[str, Any], kind: str, ema: boo
     denoiser = hparams.get("denoiser", {})
     objective = (hparams.get("objective") or {}).get("class_path", "unknown")
     net = denoiser.get("init_args", {}).get("net", {}) if isinstance(denoiser, dict) else {}
-    tags = ["cm", "consistency-models" if "onsistency" in json.dumps(denoiser) else "diffusion"]
+    consistency = "Consistency" in f"{denoiser.get('class_path', '')} {objective}"
+    tags = ["cm", "consistency-models" if consistency else "diffusion"]
     library = "cm" if kind == "cm" else "diffusers"
     front = {
         "library_name": library,
