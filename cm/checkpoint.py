@@ -56,12 +56,17 @@ def build(
 
 
 def export(
-    denoiser: nn.Module, path: str | Path, config: dict[str, Any], extra: dict | None = None
+    denoiser: nn.Module,
+    path: str | Path,
+    config: dict[str, Any],
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``denoiser``'s weights and constructor ``config`` to the directory ``path``.
 
-    ``extra`` entries (e.g. the ``sampler``) go into ``config.json`` too. Each file is written
-    atomically, and a failure removes the directory if this call created it.
+    ``extra`` entries (e.g. the ``sampler``) go into ``config.json`` too; ``files`` are text
+    files written beside them (name -> text: the model card, the training config). Each file is
+    written atomically, and a failure removes the directory if this call created it.
     """
     path = Path(path)
     created = not path.exists()
@@ -72,6 +77,9 @@ def export(
             save_file(state, str(tmp))
         with atomic_path(path / CONFIG) as tmp:
             tmp.write_text(json.dumps({"denoiser": config, **(extra or {})}, indent=2))
+        for name, text in (files or {}).items():
+            with atomic_path(path / name) as tmp:
+                tmp.write_text(text)
     except BaseException:
         if created:
             shutil.rmtree(path, ignore_errors=True)

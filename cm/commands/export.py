@@ -22,7 +22,7 @@ from cm.checkpoint import CONFIG, WEIGHTS, export, load_checkpoint
 from cm.commands.options import add_ckpt_path_argument, add_overwrite_argument, add_trust_option
 from cm.diffusers_io import CARD, export_pipeline, export_sd_unet
 from cm.diffusers_layout import INDEX, UNET
-from cm.files import atomic_path, check_output_dir
+from cm.files import check_output_dir
 from cm.hub import push_folder
 from cm.networks.stable_diffusion import StableDiffusionDenoiser
 from cm.sharded import is_sharded, read_meta
@@ -74,8 +74,8 @@ def main(args: Sequence[str]) -> Path:
     sampler = hparams.get("sampler") or {}
     if cfg.format == "cm":
         extra = {"sampler": sampler} if sampler else None
-        out = export(denoiser, cfg.out, hparams["denoiser"], extra)
-        _write_text(out, {CARD: model_card(hparams, run, "cm", cfg.ema), **files})
+        card = {CARD: model_card(hparams, run, "cm", cfg.ema)}
+        out = export(denoiser, cfg.out, hparams["denoiser"], extra, {**card, **files})
     elif isinstance(denoiser, StableDiffusionDenoiser):
         card = model_card(hparams, run, "diffusers-sd", cfg.ema)
         out = export_sd_unet(denoiser, cfg.out, card, files)
@@ -87,13 +87,6 @@ def main(args: Sequence[str]) -> Path:
     if cfg.push_to_hub:
         print(f"Pushed to {push_folder(out, cfg.push_to_hub, private=cfg.private)}")
     return out
-
-
-def _write_text(folder: Path, texts: dict[str, str]) -> None:
-    """Write text files into ``folder``, each atomically."""
-    for name, text in texts.items():
-        with atomic_path(folder / name) as tmp:
-            tmp.write_text(text)
 
 
 def run_info(ckpt: Path) -> dict[str, Any]:
